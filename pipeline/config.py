@@ -1,0 +1,192 @@
+"""Typed pipeline configuration: one section per stage, YAML presets, `--set a.b=c` overrides.
+
+Every error names the offending key and what is allowed, and is raised before any Ray work starts.
+Fields marked `affects_output=False` (parallelism, logging cadence) are left out of a stage's hash, so
+changing them never invalidates committed outputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def runtime_only(default: Any, description: str = "", **kwargs: Any) -> Any:
+    """A field that changes how a stage runs but not what it produces."""
+    return Field(default, description=description, json_schema_extra={"affects_output": False}, **kwargs)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The section as plain data, without runtime-only fields: what the stage hash covers."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("affects_output") is False:
+                data.pop(name, None)
+        return data
+
+    def hash(self) -> str:
+        return stable_hash(self.output_affecting())
+
+
+IngestSource = Literal["fashion_mnist", "image_folder", "imagenet_tar", "imagenet_folder"]
+
+DEFAULT_SPLITS: dict[str, dict[str, str]] = {
+    "fashion_mnist": {"train": "train", "val": "t10k"},
+    "image_folder": {"train": "train", "val": "val"},
+    "imagenet_tar": {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar"},
+    "imagenet_folder": {"train": "train", "val": "val"},
+}
+DEFAULT_ROOTS: dict[str, str] = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+OUTPUT_SPLITS = ("train", "val")
+
+
+class RunConfig(Section):
+    experiment: str | None = runtime_only(None, "MLflow experiment; default: one per run directory")
+    ray_address: str | None = runtime_only(None, "Ray address for ray.init; default: RAY_ADDRESS or local")
+
+
+class IngestConfig(Section):
+    source: IngestSource = "fashion_mnist"
+    root: str | None = Field(None, description="folder holding the source; default per source")
+    splits: dict[str, str] | None = Field(
+        None, description="output split (train/val) -> path under root; default per source")
+    val_labels: str | None = Field(
+        None, description="labels of a flat val split: LOC_val_solution.csv, an ImageNet devkit folder, "
+        "or lines '<file name> <wnid or class>'")
+    synsets: str | None = Field(None, description="optional 'wnid name' lines (LOC_synset_mapping.txt)")
+    resolution: int | None = Field(32, ge=8, description="shorter side resize + center crop; null keeps size")
+    image_format: Literal["jpg", "png"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    shard_size: int = Field(1000, ge=1, description="images per shard (before skips)")
+    seed: int = Field(0, description="seed of the shuffle that mixes classes across shards")
+    max_images_per_split: int | None = Field(None, ge=1, description="take the first N after the shuffle")
+    cpus_per_task: float = runtime_only(1.0, "CPUs each shard-writing task reserves", gt=0)
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            unknown = sorted(set(value) - set(OUTPUT_SPLITS))
+            if unknown:
+                raise ValueError(f"unknown split(s) {unknown}; allowed: {list(OUTPUT_SPLITS)}")
+            if "train" not in value:
+                raise ValueError("a 'train' split is required")
+        return value
+
+    @model_validator(mode="after")
+    def _root_known(self) -> "IngestConfig":
+        if self.root is None and self.source not in DEFAULT_ROOTS:
+            raise ValueError(f"ingest.root is required for source '{self.source}'")
+        return self
+
+    def resolved_root(self) -> str:
+        return self.root or DEFAULT_ROOTS[self.source]
+
+    def resolved_splits(self) -> dict[str, str]:
+        return dict(self.splits or DEFAULT_SPLITS[self.source])
+
+
+class PipelineConfig(Section):
+    run: RunConfig = RunConfig()
+    ingest: IngestConfig = IngestConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and readable errors
+
+
+def stable_hash(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model that `loc` (minus its last element) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+        if typing.get_origin(current) is not None:  # Optional[Section] and friends
+            args = [a for a in typing.get_args(current) if isinstance(a, type) and issubclass(a, BaseModel)]
+            current = args[0] if args else None
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _describe(error: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "<config>"
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+        else:
+            got = item.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"bad value for '{key}'{got_text}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=c' -> ('a.b', c) with c read as YAML (so 3 is an int, true a bool, null None)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    merged = json.loads(json.dumps(data or {}))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(merged, key, value)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, PipelineConfig)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    return build_config(data, list(overrides))

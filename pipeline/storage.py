@@ -1,0 +1,138 @@
+"""The run directory: one folder per stage, atomic writes and stage manifests, on any `pyarrow.fs` URI.
+
+A stage's outputs count only once its `_MANIFEST.json` exists; the manifest is written last, through a
+temporary file and a rename, so a reader never sees half a commit.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipeline.config import stable_hash
+
+MANIFEST = "_MANIFEST.json"
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
+class RunDir:
+    """A run directory on a local disk or a bucket. Paths inside it are '/'-joined relative names."""
+
+    def __init__(self, location: str):
+        if not _is_uri(location):
+            location = os.path.abspath(os.path.expanduser(location))
+        self.location = location.rstrip("/")
+        self.fs, self.root = pafs.FileSystem.from_uri(self.location if _is_uri(self.location)
+                                                      else "file://" + self.location)
+        self.fs.create_dir(self.root, recursive=True)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """Filesystem path (for self.fs) of a name inside the run directory."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, *parts: str) -> str:
+        """A location other processes can open: a plain path locally, a URI on a bucket."""
+        if self.is_local:
+            return self.path(*parts)
+        return "/".join([self.location, *[p.strip("/") for p in parts if p]])
+
+    # ---- plain file operations -------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def list(self, *parts: str) -> list[str]:
+        """Names directly inside a folder (empty when it does not exist)."""
+        if not self.exists(*parts):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(*parts)))
+        return sorted(info.base_name for info in infos)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return f.read()
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write through a temporary sibling and a move, so the name appears complete or not at all."""
+        final = self.path(*parts)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        temp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(temp) as f:
+            f.write(data)
+        self.fs.move(temp, final)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.create_dir(self.path(*parts), recursive=True)
+
+    def delete(self, *parts: str) -> None:
+        info = self.fs.get_file_info(self.path(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+
+@dataclass
+class Manifest:
+    """What a committed stage produced and exactly which configuration and inputs produced it."""
+
+    stage: str
+    config: dict[str, Any]
+    config_hash: str
+    inputs: dict[str, str]  # upstream stage -> that stage's fingerprint
+    fingerprint: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    wall_seconds: float = 0.0
+
+    @staticmethod
+    def fingerprint_of(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
+        return stable_hash({"stage": stage, "config": config_hash, "inputs": inputs})
+
+    @classmethod
+    def read(cls, run_dir: RunDir, folder: str) -> "Manifest | None":
+        if not run_dir.exists(folder, MANIFEST):
+            return None
+        data = run_dir.read_json(folder, MANIFEST)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, run_dir: RunDir, folder: str) -> None:
+        self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.versions = self.versions or software_versions()
+        run_dir.write_json(asdict(self), folder, MANIFEST)
+
+
+def software_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("ray", "torch", "pyarrow", "webdataset", "mlflow", "numpy", "pillow"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,14 @@
+"""The pipeline's stages, in order. Each later stage plugs in here with its folder and its inputs."""
+from pipeline.stage import StageSpec
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(name="ingest", folder="shards", upstream=(), entry="stages.ingest:run"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def spec(name: str) -> StageSpec:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage '{name}'; stages: {', '.join(STAGE_NAMES)}")

@@ -1,0 +1,213 @@
+"""Runs stages in order over one run directory: skip what is committed and current, resume the rest.
+
+A stage's fingerprint covers its own config section and its upstream stages' fingerprints, so a changed
+key reruns that stage and everything after it, and nothing before it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig
+from pipeline.stage import StageContext, StageResult, StageSpec
+from pipeline.storage import Manifest, RunDir
+from stages import STAGE_NAMES, STAGES
+
+log = logging.getLogger("vim.pipeline")
+LOCK = "_LOCK.json"
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # ran | skipped
+    manifest: Manifest
+    seconds: float
+
+
+def select(from_stage: str | None, only: str | None) -> list[str]:
+    for name in (from_stage, only):
+        if name is not None and name not in STAGE_NAMES:
+            raise PipelineError(f"unknown stage '{name}'; stages: {', '.join(STAGE_NAMES)}")
+    if only:
+        return [only]
+    start = STAGE_NAMES.index(from_stage) if from_stage else 0
+    return list(STAGE_NAMES[start:])
+
+
+def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None) -> None:
+    """Each selected stage's cheap input checks, so bad paths fail before Ray starts."""
+    for spec in STAGES:
+        if spec.name in select(from_stage, only):
+            module = importlib.import_module(spec.entry.split(":")[0])
+            if hasattr(module, "preflight"):
+                module.preflight(cfg)
+
+
+def _section_hash(cfg: PipelineConfig, spec: StageSpec) -> tuple[dict, str]:
+    section = getattr(cfg, spec.name)
+    return section.output_affecting(), section.hash()
+
+
+class RunLock:
+    """Refuses a second pipeline on the same run directory while the first one's process lives."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+    def _holder_alive(self, holder: dict) -> bool:
+        if holder.get("host") != self.me["host"]:
+            return True  # cannot check another machine's processes: trust the lock
+        try:
+            os.kill(int(holder["pid"]), 0)
+            return True
+        except (ProcessLookupError, ValueError, KeyError):
+            return False
+        except PermissionError:
+            return True
+
+    def __enter__(self) -> "RunLock":
+        if self.run_dir.exists(LOCK):
+            holder = self.run_dir.read_json(LOCK)
+            if self._holder_alive(holder) and holder.get("pid") != self.me["pid"]:
+                raise PipelineError(
+                    f"run directory {self.run_dir.location} is in use by pid {holder.get('pid')} on "
+                    f"{holder.get('host')}; wait for it, or delete {LOCK} there if that process is gone")
+        if self.run_dir.is_local:  # exclusive create: two starters cannot both win
+            path = self.run_dir.path(LOCK)
+            try:
+                if os.path.exists(path):
+                    os.remove(path)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise PipelineError(f"run directory {self.run_dir.location} was locked just now by "
+                                    "another pipeline") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+        else:
+            self.run_dir.write_json(self.me, LOCK)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.run_dir.delete(LOCK)
+
+
+def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str) -> tracking.Tracker:
+    experiment = cfg.run.experiment or f"vim:{run_dir.location}"
+    experiment_id = tracking.ensure_experiment(uri, experiment, run_dir.uri("_mlflow_artifacts")
+                                               if not run_dir.is_local else
+                                               "file://" + run_dir.path("_mlflow_artifacts"))
+    key = tracking.PIPELINE_RUN_FILE
+    if run_dir.exists(key):
+        stored = run_dir.read_json(key)
+        if stored.get("tracking_uri") == uri:
+            reopened = tracking.reopen_run(uri, stored["run_id"])
+            if reopened is not None:
+                return reopened
+    parent = tracking.start_run(uri, experiment_id, "pipeline", {
+        "vim.kind": "pipeline", "vim.run_dir": run_dir.location, "vim.git_commit": tracking.git_commit(),
+        "vim.config_hash": cfg.hash()})
+    parent.log_params(cfg.model_dump(mode="json"))
+    run_dir.write_json({"tracking_uri": uri, "run_id": parent.run_id, "experiment_id": experiment_id}, key)
+    return parent
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | None = None,
+                 only: str | None = None, force: tuple[str, ...] = ()) -> list[StageOutcome]:
+    selected = select(from_stage, only)
+    for name in force:
+        select(name, None)
+    run_dir = RunDir(run_dir_location)
+    uri = tracking.default_tracking_uri(run_dir.location)
+    outcomes: list[StageOutcome] = []
+    with RunLock(run_dir):
+        parent = _parent_run(run_dir, cfg, uri)
+        status = "FAILED"
+        try:
+            manifests: dict[str, Manifest] = {}
+            for spec in STAGES:
+                config, config_hash = _section_hash(cfg, spec)
+                if spec.name not in selected:
+                    existing = Manifest.read(run_dir, spec.folder)
+                    if existing is not None:
+                        manifests[spec.name] = existing
+                    continue
+                missing = [u for u in spec.upstream if u not in manifests]
+                if missing:
+                    raise PipelineError(f"stage '{spec.name}' needs committed {missing} in {run_dir.location}; "
+                                        f"run them first (e.g. --from {missing[0]})")
+                inputs = {u: manifests[u].fingerprint for u in spec.upstream}
+                fingerprint = Manifest.fingerprint_of(spec.name, config_hash, inputs)
+                existing = Manifest.read(run_dir, spec.folder)
+                if existing is not None and existing.fingerprint == fingerprint and spec.name not in force:
+                    log.info("stage %s: committed and up to date, skipped", spec.name)
+                    manifests[spec.name] = existing
+                    outcomes.append(StageOutcome(spec.name, "skipped", existing, 0.0))
+                    continue
+                if existing is not None:  # stale or forced: uncommit before touching outputs
+                    log.info("stage %s: %s, rerunning", spec.name,
+                             "forced" if spec.name in force else "config or inputs changed")
+                    run_dir.delete(spec.folder, "_MANIFEST.json")
+                    run_dir.delete(spec.folder)
+                manifests[spec.name] = _run_stage(spec, cfg, run_dir, uri, parent, config, config_hash,
+                                                  inputs, fingerprint, manifests)
+                outcomes.append(StageOutcome(spec.name, "ran", manifests[spec.name],
+                                             manifests[spec.name].wall_seconds))
+            status = "FINISHED"
+        finally:
+            parent.finish(status)
+    return outcomes
+
+
+def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, parent: tracking.Tracker,
+               config: dict, config_hash: str, inputs: dict[str, str], fingerprint: str,
+               manifests: dict[str, Manifest]) -> Manifest:
+    module_name, function_name = spec.entry.split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    child = tracking.start_run(uri, parent.client.get_run(parent.run_id).info.experiment_id, spec.name, {
+        "vim.kind": "stage", "vim.stage": spec.name, "vim.fingerprint": fingerprint,
+        "vim.git_commit": tracking.git_commit(), "vim.config_hash": config_hash}, parent_run_id=parent.run_id)
+    child.log_params(config)
+    ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child)
+    log.info("stage %s: running (fingerprint %s)", spec.name, fingerprint)
+    started = time.perf_counter()
+    try:
+        result: StageResult = entry(cfg, ctx)
+    except BaseException:
+        child.finish("FAILED")
+        raise
+    seconds = time.perf_counter() - started
+    child.log_metrics({**result.metrics, "stage_wall_seconds": seconds})
+    manifest = Manifest(stage=spec.name, config=config, config_hash=config_hash, inputs=inputs,
+                        fingerprint=fingerprint, outputs=result.outputs, counts=result.counts,
+                        metrics=result.metrics, details=result.details, mlflow_run_id=child.run_id,
+                        wall_seconds=seconds)
+    manifest.write(run_dir, spec.folder)
+    child.log_dict(json.loads(json.dumps(asdict(manifest), default=str)), "manifest.json")
+    child.finish("FINISHED")
+    log.info("stage %s: committed in %.1fs", spec.name, seconds)
+    return manifest
+
+
+def connect_ray(cfg: PipelineConfig, tracking_uri: str) -> None:
+    """Attach to the cluster (RAY_ADDRESS under `ray job submit`) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    if os.environ.get("RAY_AUTH_MODE"):
+        env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]  # every process must agree, or Data tasks hang
+    ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env},
+             log_to_driver=True)
