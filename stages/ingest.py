@@ -71,6 +71,11 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         run_dir.delete(folder)
         run_dir.write_json({"fingerprint": ctx.fingerprint}, folder, PROGRESS, "fingerprint.json")
 
+    for split in index.splits:  # temporary files of shards whose writer was killed
+        for name in run_dir.list(folder, split):
+            if ".tmp-" in name:
+                run_dir.delete(folder, split, name)
+
     done: dict[tuple[str, int], ShardStats] = {}
     todo: list[dict] = []
     planned: dict[str, int] = {}

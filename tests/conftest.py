@@ -1,0 +1,48 @@
+"""Shared fixtures: a real local Ray (2 CPUs), generated image sources, the shared CIFAR-10 copy."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Every process of the test cluster must agree on auth, or Ray Data tasks hang without an error.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use the SQLite store beside their run directory
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "jobs"))  # job scripts import their _bootstrap helper
+
+SHARED = ROOT.parent / "shared"
+CIFAR_TAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="vimray-", dir="/tmp")  # short: Ray keeps unix sockets there
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                       "PYTHONPATH": str(ROOT)}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """CIFAR-10 JPEG class folders from ../shared, extracted once; skipped where ../shared is absent."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"{CIFAR_TAR} is absent (it lives in the shared folder beside the checkout)")
+    import tarfile
+
+    target = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_TAR) as archive:
+        archive.extractall(target, filter="data")
+    return target / "cifar10"
