@@ -1,0 +1,45 @@
+"""Codebook statistics over a split: usage the paper's way, whole-split usage, perplexity, dead codes."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class CodebookUsage:
+    """Accumulates codes image by image.
+
+    `usage_per_256`: the paper's measure (Table 4): the fraction of the codebook used within each batch of
+    256 images, averaged over batches (a final partial batch counts only if it is the only one).
+    `usage_split`: fraction of codes used anywhere in the split. `perplexity`: exp(entropy) of the
+    split's code histogram. `dead_codes`: codes never used in the split.
+    """
+
+    def __init__(self, codebook_size: int, images_per_batch: int = 256):
+        self.size, self.per_batch = codebook_size, images_per_batch
+        self.histogram = np.zeros(codebook_size, np.int64)
+        self._batch = np.zeros(codebook_size, bool)
+        self._in_batch = 0
+        self._batch_usages: list[float] = []
+        self._partial: float | None = None
+
+    def update(self, codes: np.ndarray) -> None:
+        """codes: (images, tokens) integers."""
+        codes = np.asarray(codes).reshape(len(codes), -1)
+        self.histogram += np.bincount(codes.ravel(), minlength=self.size)
+        for image in codes:
+            self._batch[image] = True
+            self._in_batch += 1
+            if self._in_batch == self.per_batch:
+                self._batch_usages.append(float(self._batch.mean()))
+                self._batch[:] = False
+                self._in_batch = 0
+
+    def result(self) -> dict[str, float]:
+        usages = list(self._batch_usages)
+        if not usages and self._in_batch:
+            usages.append(float(self._batch.mean()))
+        total = self.histogram.sum()
+        probs = self.histogram[self.histogram > 0] / max(total, 1)
+        return {"usage_per_256": float(np.mean(usages)) if usages else 0.0,
+                "usage_split": float((self.histogram > 0).mean()),
+                "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0,
+                "dead_codes": float((self.histogram == 0).sum())}

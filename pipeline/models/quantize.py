@@ -1,0 +1,144 @@
+"""Vector quantizers behind one interface: `quantizer(z) -> QuantizerOutput(codes, quantized, losses, stats)`.
+
+The paper's quantizer (vim-facts 1.3): a linear projection to a low-dimensional lookup space, l2-normalised
+inputs and codes, a normally initialised codebook, beta = 0.25, straight-through through the normalised
+latent, and a projection back up. Turning `codebook_dim` off and `l2_normalize` off gives plain VQ, the
+paper's ablation baseline. EMA codebook updates and dead-code restarts are options; under DDP their
+statistics are all-reduced and restarts come from rank 0, so every rank keeps the same codebook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    codes: torch.Tensor  # (B, N) int64
+    quantized: torch.Tensor  # (B, N, dim), straight-through, back in the model dimension
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, float]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, max_elements: int = 2**24) -> torch.Tensor:
+    """Index of the nearest codebook row for each row of z, scoring at most `max_elements` pairs at once."""
+    rows = max(1, max_elements // codebook.shape[0])
+    codebook_sq = None if cosine else (codebook * codebook).sum(1)
+    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        chunk = z[start:start + rows]
+        scores = chunk @ codebook.t()  # cosine: maximise similarity; else minimise ||z||^2 - 2 z.c + ||c||^2
+        if cosine:
+            out[start:start + rows] = scores.argmax(1)
+        else:
+            out[start:start + rows] = (codebook_sq[None] - 2 * scores).argmin(1)
+    return out
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, dim: int, codebook_size: int = 8192, codebook_dim: int | None = 32,
+                 l2_normalize: bool = True, beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
+                 dead_code_threshold: float = 0.0, search_chunk_elements: int = 2**24):
+        super().__init__()
+        self.codebook_size, self.beta, self.l2 = codebook_size, beta, l2_normalize
+        self.ema, self.ema_decay, self.dead_threshold = ema, ema_decay, dead_code_threshold
+        self.chunk = search_chunk_elements
+        lookup_dim = codebook_dim or dim
+        self.proj_in = nn.Linear(dim, lookup_dim) if codebook_dim else nn.Identity()
+        self.proj_out = nn.Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
+        self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim), requires_grad=not ema)
+        # Usage counts (EMA of how often each code is picked) drive dead-code restarts and the stats.
+        self.register_buffer("usage", torch.ones(codebook_size))
+        if ema:
+            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_sum", self.codebook.detach().clone())
+
+    def lookup_table(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1) if self.l2 else self.codebook
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (...,) -> their vectors in the model dimension (what the decoder receives)."""
+        return self.proj_out(self.lookup_table()[codes])
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) -> codes (B, N), without losses or updates."""
+        latent = self.proj_in(z)
+        latent = F.normalize(latent, dim=-1) if self.l2 else latent
+        flat = latent.reshape(-1, latent.shape[-1])
+        return nearest_code(flat, self.lookup_table(), self.l2, self.chunk).view(latent.shape[:-1])
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        latent = self.proj_in(z)
+        latent = F.normalize(latent, dim=-1) if self.l2 else latent
+        flat = latent.reshape(-1, latent.shape[-1])
+        table = self.lookup_table()
+        with torch.no_grad():
+            codes = nearest_code(flat.detach().float(), table.detach().float(), self.l2, self.chunk)
+        chosen = table[codes].view_as(latent)
+        commitment = F.mse_loss(latent, chosen.detach())
+        losses = {"commitment": self.beta * commitment}
+        if not self.ema:
+            losses["codebook"] = F.mse_loss(chosen, latent.detach())
+        elif self.training:
+            self._ema_update(flat.detach(), codes)
+        if self.training:
+            self._track_usage(codes, flat.detach())
+        straight_through = latent + (chosen - latent).detach()
+        stats = self._batch_stats(codes)
+        return QuantizerOutput(codes.view(latent.shape[:-1]), self.proj_out(straight_through), losses, stats)
+
+    # ---- codebook maintenance -------------------------------------------------------------------
+    @torch.no_grad()
+    def _counts(self, codes: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        if _distributed():
+            dist.all_reduce(counts)
+        return counts
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        counts = self._counts(codes)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, flat.float())
+        if _distributed():
+            dist.all_reduce(sums)
+        self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+        self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
+        total = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (total + self.codebook_size * 1e-5) * total  # Laplace smoothing
+        self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def _track_usage(self, codes: torch.Tensor, flat: torch.Tensor) -> None:
+        counts = self._counts(codes)
+        self.usage.mul_(0.99).add_(counts, alpha=0.01)
+        if self.dead_threshold <= 0:
+            return
+        dead = self.usage < self.dead_threshold
+        count = int(dead.sum())
+        if count == 0:
+            return
+        # Restart dead codes at random current latents, chosen on rank 0 and broadcast to all ranks.
+        picks = flat[torch.randint(0, flat.shape[0], (count,), device=flat.device)].float()
+        if _distributed():
+            dist.broadcast(picks, src=0)
+        self.codebook.data[dead] = picks.to(self.codebook.dtype)
+        self.usage[dead] = self.dead_threshold * 2  # grace period before it can be declared dead again
+        if self.ema:
+            self.ema_sum[dead] = picks
+            self.ema_count[dead] = 1.0
+
+    @torch.no_grad()
+    def _batch_stats(self, codes: torch.Tensor) -> dict[str, float]:
+        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        probs = counts / counts.sum()
+        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        return {"usage_batch": float((counts > 0).float().mean()), "perplexity_batch": float(entropy.exp()),
+                "dead_codes": float((self.usage < max(self.dead_threshold, 1e-3)).sum())}

@@ -1,0 +1,106 @@
+"""ViT-VQGAN: ViT encoder -> quantizer -> ViT decoder, plus saving and loading without anything else.
+
+Images enter and leave in [0, 1]. The decoder head is either the paper's logit-Laplace head (sigmoid
+mean, 6 channels: location and log-scale per colour) or Parti's plain linear head (3 channels, no
+sigmoid, no logit-Laplace loss).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.models.losses import from_laplace_space
+from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
+from pipeline.models.vit import VIT_SIZES, ViTDecoder, ViTEncoder, init_weights
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class TokenizerSettings:
+    image_size: int = 32
+    patch_size: int = 4
+    encoder: str = "tiny"  # a VIT_SIZES name: tiny, mini, S, B, L
+    decoder: str = "tiny"
+    codebook_size: int = 512
+    codebook_dim: int | None = 32  # None: no factorisation (look up in the model dimension)
+    l2_normalize: bool = True
+    beta: float = 0.25
+    ema: bool = False
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 0.0
+    output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class ViTVQGAN(nn.Module):
+    def __init__(self, settings: TokenizerSettings):
+        super().__init__()
+        self.settings = settings
+        enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
+        self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size)
+        self.quantizer = VectorQuantizer(
+            enc.dim, settings.codebook_size, settings.codebook_dim, settings.l2_normalize, settings.beta,
+            settings.ema, settings.ema_decay, settings.dead_code_threshold)
+        self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
+        out_channels = 6 if settings.output_head == "logit_laplace" else 3
+        self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels)
+        init_weights(self.encoder)
+        init_weights(self.decoder)
+
+    # ---- the training path ----------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], QuantizerOutput]:
+        """images in [0, 1] -> (reconstruction in [0, 1], raw decoder outputs, quantizer output)."""
+        quantized = self.quantizer(self.encoder(images * 2 - 1))
+        raw = self.decoder(self.bridge(quantized.quantized))
+        return self._pixels(raw), self._split(raw), quantized
+
+    def _split(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.settings.output_head == "logit_laplace":
+            return {"mu": raw[:, :3], "log_b": raw[:, 3:].clamp(-7.0, 3.0)}
+        return {"pixels": raw}
+
+    def _pixels(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.settings.output_head == "logit_laplace":
+            return from_laplace_space(torch.sigmoid(raw[:, :3]))  # the sigmoid on the mean prediction
+        return raw  # Parti: unbounded; clamp only when turning into an image
+
+    # ---- codes in and out -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> codes (B, h, w) int64."""
+        codes = self.quantizer.encode(self.encoder(images * 2 - 1))
+        return codes.view(images.shape[0], self.settings.grid, self.settings.grid)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) -> images (B, 3, H, W) in [0, 1]."""
+        vectors = self.quantizer.embed(codes.flatten(1))
+        return self._pixels(self.decoder(self.bridge(vectors))).clamp(0, 1)
+
+
+def save_tokenizer(model: ViTVQGAN, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(asdict(model.settings), indent=2, sort_keys=True))
+
+
+def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> ViTVQGAN:
+    """A tokenizer from its two files (config.json + model.safetensors), in eval mode."""
+    folder = Path(folder)
+    settings = TokenizerSettings(**json.loads((folder / CONFIG_FILE).read_text()))
+    model = ViTVQGAN(settings)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.to(device).eval()

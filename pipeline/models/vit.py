@@ -1,0 +1,145 @@
+"""The ViT pieces of ViT-VQGAN: patch embedding, pre-LN blocks, the tanh output head, 2D positions.
+
+Choices where the paper is silent (vim-facts 1.2): fixed 2D sin-cos position embeddings, GELU MLPs,
+pre-LN blocks, a conv patch embedding (= a linear map of each patch), and a per-token
+Linear -> tanh -> Linear output head whose hidden width is the block MLP width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    depth: int
+    dim: int
+    heads: int
+    mlp_dim: int
+
+
+# Paper Table 2 (S, B, L) plus small presets that train on a CPU in minutes.
+VIT_SIZES: dict[str, ViTSize] = {
+    "tiny": ViTSize(depth=2, dim=64, heads=4, mlp_dim=128),
+    "mini": ViTSize(depth=4, dim=128, heads=4, mlp_dim=256),
+    "S": ViTSize(depth=8, dim=512, heads=8, mlp_dim=2048),
+    "B": ViTSize(depth=12, dim=768, heads=12, mlp_dim=3072),
+    "L": ViTSize(depth=32, dim=1280, heads=16, mlp_dim=5120),
+}
+
+
+def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """(height*width, dim) fixed 2D sin-cos embedding: half the channels for rows, half for columns."""
+    if dim % 4:
+        raise ValueError(f"model dim {dim} must be divisible by 4 for 2D sin-cos positions")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float64),
+                                torch.arange(width, dtype=torch.float64), indexing="ij")
+    parts = []
+    for grid in (rows.flatten(), cols.flatten()):
+        angles = grid[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block (bidirectional: the tokenizer sees the whole image)."""
+
+    def __init__(self, size: ViTSize, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(size.dim)
+        self.attn = Attention(size.dim, size.heads, dropout)
+        self.norm2 = nn.LayerNorm(size.dim)
+        self.mlp = nn.Sequential(nn.Linear(size.dim, size.mlp_dim), nn.GELU(), nn.Linear(size.mlp_dim, size.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TanhHead(nn.Module):
+    """The paper's output head: a two-layer feed-forward network with a tanh in the middle."""
+
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class ViTEncoder(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] -> tokens (B, H/p * W/p, dim)."""
+
+    def __init__(self, size: ViTSize, image_size: int, patch_size: int, channels: int = 3):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
+        self.grid = image_size // patch_size
+        self.patch = nn.Conv2d(channels, size.dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos", sincos_2d(self.grid, self.grid, size.dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(size) for _ in range(size.depth))
+        self.norm = nn.LayerNorm(size.dim)
+        self.head = TanhHead(size.dim, size.mlp_dim, size.dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (B, N, dim) -> per-pixel outputs (B, out_channels, H, W); each token becomes a p x p patch."""
+
+    def __init__(self, size: ViTSize, image_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.grid, self.patch_size, self.out_channels = image_size // patch_size, patch_size, out_channels
+        self.register_buffer("pos", sincos_2d(self.grid, self.grid, size.dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(size) for _ in range(size.depth))
+        self.norm = nn.LayerNorm(size.dim)
+        self.head = TanhHead(size.dim, size.mlp_dim, patch_size * patch_size * out_channels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = tokens + self.pos
+        for block in self.blocks:
+            x = block(x)
+        patches = self.head(self.norm(x))  # (B, g*g, p*p*C)
+        batch, p, g, c = patches.shape[0], self.patch_size, self.grid, self.out_channels
+        return patches.view(batch, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal linear/conv weights (std 0.02), zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,137 @@
+"""ViT-VQGAN pieces without Ray: quantizer search and gradients, codebook stats, losses, overfitting."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.metrics.codebook import CodebookUsage
+from pipeline.models.discriminator import StyleGANDiscriminator
+from pipeline.models.losses import (LOGIT_LAPLACE_EPS, Perceptual, PerceptualWeightsMissing,
+                                    find_vgg16_weights, logit_laplace_nll, r1_penalty)
+from pipeline.models.quantize import VectorQuantizer, nearest_code
+from pipeline.models.tokenizer import TokenizerSettings, ViTVQGAN, load_tokenizer, save_tokenizer
+
+
+@pytest.mark.parametrize("cosine", [True, False])
+def test_chunked_nearest_code_equals_brute_force(cosine):
+    torch.manual_seed(0)
+    z, codebook = torch.randn(1000, 16), torch.randn(300, 16)
+    if cosine:
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    brute = torch.cdist(z, codebook).argmin(1)
+    assert torch.equal(nearest_code(z, codebook, cosine, max_elements=300 * 7), brute)  # 7 rows a chunk
+    assert torch.equal(nearest_code(z, codebook, cosine), brute)
+
+
+def test_straight_through_reaches_the_encoder_and_codes_have_unit_norm():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(dim=64, codebook_size=128, codebook_dim=8, l2_normalize=True)
+    z = torch.randn(2, 10, 64, requires_grad=True)
+    out = quantizer(z)
+    (out.quantized.sum() + sum(out.losses.values())).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert quantizer.codebook.grad.abs().sum() > 0  # codebook term trains the codebook
+    assert torch.allclose(quantizer.lookup_table().norm(dim=-1), torch.ones(128), atol=1e-5)
+    assert set(out.losses) == {"commitment", "codebook"}
+    assert torch.allclose(out.losses["commitment"], 0.25 * out.losses["codebook"].detach(), rtol=1e-5)
+
+
+def test_plain_vq_has_no_projection_and_no_normalisation():
+    quantizer = VectorQuantizer(dim=16, codebook_size=32, codebook_dim=None, l2_normalize=False)
+    assert isinstance(quantizer.proj_in, torch.nn.Identity) and quantizer.codebook.shape == (32, 16)
+    z = torch.randn(1, 5, 16)
+    assert torch.equal(quantizer.encode(z)[0], torch.cdist(z[0], quantizer.codebook).argmin(1))
+
+
+def test_ema_updates_pull_codes_towards_their_latents_and_dead_codes_restart():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(dim=4, codebook_size=16, codebook_dim=None, l2_normalize=False, ema=True,
+                                ema_decay=0.5, dead_code_threshold=0.5)
+    z = torch.randn(1, 64, 4) + 5.0  # far from the N(0,1) codebook
+    before = (quantizer.codebook - 5).norm(dim=1).min()
+    for _ in range(30):
+        quantizer(z)
+    assert (quantizer.codebook - 5).norm(dim=1).min() < before / 2
+    assert "codebook" not in quantizer(z).losses
+    assert (quantizer.usage >= quantizer.dead_threshold).all() or quantizer(z).stats["dead_codes"] >= 0
+
+
+def test_codebook_usage_and_perplexity_on_hand_made_codes():
+    stats = CodebookUsage(codebook_size=8, images_per_batch=2)
+    stats.update(np.array([[0, 0], [1, 1], [2, 2], [2, 2]]))  # batch 1 uses {0, 1}; batch 2 uses {2}
+    result = stats.result()
+    assert result["usage_per_256"] == pytest.approx((2 / 8 + 1 / 8) / 2)
+    assert result["usage_split"] == pytest.approx(3 / 8) and result["dead_codes"] == 5
+    uniform = CodebookUsage(4)
+    uniform.update(np.array([[0, 1, 2, 3]]))
+    assert uniform.result()["perplexity"] == pytest.approx(4.0)
+
+
+def test_logit_laplace_nll_matches_the_formula():
+    x, mu, log_b = torch.tensor([0.3]), torch.tensor([0.1]), torch.tensor([-0.5])
+    y = (1 - 2 * LOGIT_LAPLACE_EPS) * 0.3 + LOGIT_LAPLACE_EPS
+    b = math.exp(-0.5)
+    expected = math.log(2 * b * y * (1 - y)) + abs(math.log(y / (1 - y)) - 0.1) / b
+    assert logit_laplace_nll(x, mu, log_b).item() == pytest.approx(expected, rel=1e-6)
+    # It is a density: integrating exp(-NLL) over x in [0, 1] gives ~1 (Jacobian of the eps map included).
+    grid = torch.linspace(0, 1, 200001)[1:-1]
+    density = torch.exp(-torch.stack([logit_laplace_nll(v[None], mu, log_b) for v in grid[::1000]]))
+    assert density.sum().item() * (1000 / 200000) * (1 - 2 * LOGIT_LAPLACE_EPS) == pytest.approx(1.0, abs=0.05)
+
+
+def test_lpips_wiring_is_zero_for_identical_images_and_loads_a_local_vgg(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "vgg16.pth"
+    torch.save(torchvision.models.vgg16().state_dict(), weights)  # a stand-in checkpoint, same layout
+    perceptual = Perceptual(weights)
+    x = torch.rand(2, 3, 32, 32)
+    assert perceptual(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert perceptual(x, torch.rand(2, 3, 32, 32)).item() > 0
+
+
+def test_missing_vgg_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torchvision cache
+    with pytest.raises(PerceptualWeightsMissing, match="perceptual_weight=0"):
+        find_vgg16_weights(str(tmp_path / "absent.pth"))
+
+
+def test_r1_is_positive_and_differentiable():
+    torch.manual_seed(0)
+    discriminator = StyleGANDiscriminator(32, base_channels=16)
+    penalty = r1_penalty(discriminator, torch.rand(4, 3, 32, 32))
+    assert penalty.item() > 0
+    penalty.backward()
+    assert discriminator.stem.weight.grad.abs().sum() > 0
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / F.mse_loss(a.clamp(0, 1), b)))
+
+
+def test_tiny_tokenizer_overfits_sixteen_images(tmp_path):
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 16), torch.linspace(0, 1, 16), indexing="ij")
+    images = torch.stack([torch.stack([(xx * (i % 4 + 1)) % 1, (yy * (i // 4 + 1)) % 1, (xx + yy) / 2])
+                          for i in range(16)])
+    model = ViTVQGAN(TokenizerSettings(image_size=16, patch_size=4, codebook_size=64, codebook_dim=8))
+    with torch.no_grad():
+        start = _psnr(model(images)[0], images)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-4)
+    for _ in range(300):
+        recon, raw, q = model(images)
+        loss = F.mse_loss(recon, images) + 0.1 * logit_laplace_nll(images, raw["mu"], raw["log_b"]) + sum(q.losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        end = _psnr(model.decode(model.encode(images)), images)
+    assert end > start + 8 and end > 20, (start, end)
+
+    save_tokenizer(model, tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    assert torch.allclose(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
