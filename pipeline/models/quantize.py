@@ -46,17 +46,22 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, max_elem
 class VectorQuantizer(nn.Module):
     def __init__(self, dim: int, codebook_size: int = 8192, codebook_dim: int | None = 32,
                  l2_normalize: bool = True, beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
-                 dead_code_threshold: float = 0.0, search_chunk_elements: int = 2**24):
+                 dead_code_threshold: float = 0.0, search_chunk_elements: int = 2**24,
+                 init_from_data: bool = False):
         super().__init__()
         self.codebook_size, self.beta, self.l2 = codebook_size, beta, l2_normalize
         self.ema, self.ema_decay, self.dead_threshold = ema, ema_decay, dead_code_threshold
         self.chunk = search_chunk_elements
         lookup_dim = codebook_dim or dim
-        self.proj_in = nn.Linear(dim, lookup_dim) if codebook_dim else nn.Identity()
+        # No bias: a learnable offset can swamp small encoder outputs and drag every latent onto one code.
+        self.proj_in = nn.Linear(dim, lookup_dim, bias=False) if codebook_dim else nn.Identity()
         self.proj_out = nn.Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
         self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim), requires_grad=not ema)
         # Usage counts (EMA of how often each code is picked) drive dead-code restarts and the stats.
         self.register_buffer("usage", torch.ones(codebook_size))
+        # init_from_data: the first training batch's latents seed the codebook (instead of the paper's
+        # normal init), which avoids the early collapse onto a handful of codes in small, short runs.
+        self.register_buffer("needs_data_init", torch.tensor(bool(init_from_data)))
         if ema:
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", self.codebook.detach().clone())
@@ -79,6 +84,8 @@ class VectorQuantizer(nn.Module):
         latent = self.proj_in(z)
         latent = F.normalize(latent, dim=-1) if self.l2 else latent
         flat = latent.reshape(-1, latent.shape[-1])
+        if self.training and bool(self.needs_data_init):
+            self._init_from(flat.detach())
         table = self.lookup_table()
         with torch.no_grad():
             codes = nearest_code(flat.detach().float(), table.detach().float(), self.l2, self.chunk)
@@ -96,6 +103,17 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(codes.view(latent.shape[:-1]), self.proj_out(straight_through), losses, stats)
 
     # ---- codebook maintenance -------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        picks = flat[torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)].float()
+        picks = picks + 1e-3 * picks.std() * torch.randn_like(picks)  # duplicates must not tie forever
+        if _distributed():
+            dist.broadcast(picks, src=0)
+        self.codebook.data.copy_(picks)
+        if self.ema:
+            self.ema_sum.copy_(picks)
+        self.needs_data_init.fill_(False)
+
     @torch.no_grad()
     def _counts(self, codes: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(codes, minlength=self.codebook_size).float()

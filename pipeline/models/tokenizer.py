@@ -35,6 +35,7 @@ class TokenizerSettings:
     ema: bool = False
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.0
+    codebook_init: Literal["normal", "data"] = "normal"
     output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
     extra: dict = field(default_factory=dict)
 
@@ -51,12 +52,21 @@ class ViTVQGAN(nn.Module):
         self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size)
         self.quantizer = VectorQuantizer(
             enc.dim, settings.codebook_size, settings.codebook_dim, settings.l2_normalize, settings.beta,
-            settings.ema, settings.ema_decay, settings.dead_code_threshold)
+            settings.ema, settings.ema_decay, settings.dead_code_threshold,
+            init_from_data=settings.codebook_init == "data")
         self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
         out_channels = 6 if settings.output_head == "logit_laplace" else 3
         self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels)
         init_weights(self.encoder)
         init_weights(self.decoder)
+        # The projections around the codebook keep unit-scale signals: a 0.02-std proj_out would drown
+        # the codes under the decoder's position embeddings, and a random proj_in bias would point every
+        # latent the same way; either collapses the codebook onto one code.
+        for layer in (self.quantizer.proj_in, self.quantizer.proj_out, self.bridge):
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     # ---- the training path ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], QuantizerOutput]:

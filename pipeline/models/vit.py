@@ -130,7 +130,8 @@ class ViTDecoder(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """Truncated-normal linear/conv weights (std 0.02), zero biases, unit LayerNorms."""
+    """Truncated-normal weights (std 0.02) inside blocks, Xavier for the patch embedding and output heads
+    (so the signal entering and leaving the Transformer is unit-scale), zero biases, unit LayerNorms."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -139,6 +140,12 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, TanhHead):
+            nn.init.xavier_uniform_(m.fc1.weight)
+            nn.init.xavier_uniform_(m.fc2.weight)
+        elif isinstance(m, (ViTEncoder,)):
+            nn.init.xavier_uniform_(m.patch.weight.view(m.patch.weight.shape[0], -1))
 
 
 def param_count(module: nn.Module) -> int:
