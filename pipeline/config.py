@@ -33,8 +33,11 @@ class Section(BaseModel):
         data = self.model_dump(mode="json")
         for name, field in type(self).model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            value = getattr(self, name)
             if extra.get("affects_output") is False:
                 data.pop(name, None)
+            elif isinstance(value, Section):
+                data[name] = value.output_affecting()
         return data
 
     def hash(self) -> str:
@@ -99,9 +102,82 @@ class IngestConfig(Section):
         return dict(self.splits or DEFAULT_SPLITS[self.source])
 
 
+class TrainerResources(Section):
+    """How a Ray Train stage is spread over the cluster (never part of a stage's hash)."""
+
+    num_workers: int = runtime_only(2, "Ray Train workers (data-parallel replicas)", ge=1)
+    cpus_per_worker: float = runtime_only(0.5, "fractional on small machines, or Ray Data starves", gt=0)
+    use_gpu: bool = runtime_only(False, "one GPU per worker (CUDA, nccl, bf16 autocast)")
+    tpu_hosts: bool = runtime_only(False, "one worker per TPU host (torch_xla); see README")
+    device: Literal["auto", "cpu", "cuda", "xla"] = runtime_only("auto")
+    max_failures: int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
+
+
+VIT_SIZE_NAMES = Literal["tiny", "mini", "S", "B", "L"]
+
+
+class TokenizerConfig(Section):
+    # model (paper defaults where the paper gives one; small sizes for CPU)
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(4, ge=1)
+    encoder: VIT_SIZE_NAMES = "tiny"
+    decoder: VIT_SIZE_NAMES = "tiny"
+    codebook_size: int = Field(512, ge=2, le=32767, description="<= 32767 so codes fit int16")
+    codebook_dim: int | None = Field(32, ge=1, description="lookup dimension; null = no factorisation")
+    l2_normalize: bool = True
+    beta: float = Field(0.25, ge=0)
+    ema: bool = False
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    dead_code_threshold: float = Field(0.0, ge=0, description="restart codes used less than this per step")
+    codebook_init: Literal["normal", "data"] = "normal"
+    output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
+    # losses (paper: L2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1)
+    l2_weight: float = Field(1.0, ge=0)
+    logit_laplace_weight: float = Field(0.1, ge=0)
+    perceptual_weight: float = Field(0.1, ge=0)
+    vgg16_weights: str | None = Field(None, description="local torchvision vgg16 checkpoint for LPIPS")
+    adversarial_weight: float = Field(0.1, ge=0)
+    disc_start: int = Field(0, ge=0, description="step at which the discriminator joins")
+    disc_base_channels: int = Field(64, ge=8)
+    r1_gamma: float = Field(10.0, ge=0)
+    r1_interval: int = Field(16, ge=1, description="lazy R1: every N discriminator steps")
+    # optimisation (paper: AdamW 0.9/0.99, wd 1e-4, warm-up then cosine 1e-4 -> 5e-5)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(1e-4, gt=0)
+    lr_floor: float = Field(5e-5, ge=0)
+    disc_lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    augment_pad: int = Field(2, ge=0, description="train: reflect-pad then random crop, plus h-flip")
+    seed: int = 0
+    # bookkeeping
+    checkpoint_every: int = runtime_only(200, "steps between checkpoints", ge=1)
+    log_every: int = runtime_only(20, ge=1)
+    image_every: int = runtime_only(500, "steps between reconstruction grids", ge=1)
+    val_images: int = Field(1024, ge=1, description="val images for the final metrics")
+    resources: TrainerResources = TrainerResources()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TokenizerConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"tokenizer.image_size {self.image_size} is not a multiple of "
+                             f"tokenizer.patch_size {self.patch_size}")
+        if self.output_head == "linear" and self.logit_laplace_weight > 0:
+            raise ValueError("tokenizer.output_head=linear (Parti) has no logit-Laplace head: "
+                             "set tokenizer.logit_laplace_weight=0")
+        if self.adversarial_weight > 0 and (self.image_size < 8 or self.image_size & (self.image_size - 1)):
+            raise ValueError("the StyleGAN discriminator needs a power-of-two tokenizer.image_size; "
+                             "or set tokenizer.adversarial_weight=0")
+        return self
+
+
 class PipelineConfig(Section):
     run: RunConfig = RunConfig()
     ingest: IngestConfig = IngestConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,3 +141,19 @@ def reopen_run(tracking_uri: str, run_id: str) -> Tracker | None:
         return None
     client.update_run(run_id, status="RUNNING")
     return Tracker(tracking_uri, run_id)
+
+
+def find_unfinished_child(tracking_uri: str, experiment_id: str, parent_run_id: str,
+                          fingerprint: str) -> Tracker | None:
+    """The not-yet-finished child run of this parent for a stage with this fingerprint, reopened."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`vim.fingerprint` = '{fingerprint}'"),
+        max_results=5)
+    for run in runs:
+        if run.info.status != "FINISHED":
+            client.update_run(run.info.run_id, status="RUNNING")
+            return Tracker(tracking_uri, run.info.run_id)
+    return None

@@ -3,6 +3,7 @@ from pipeline.stage import StageSpec
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(name="ingest", folder="shards", upstream=(), entry="stages.ingest:run"),
+    StageSpec(name="tokenizer", folder="tokenizer", upstream=("ingest",), entry="stages.tokenizer:run"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

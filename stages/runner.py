@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -175,10 +176,14 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
                manifests: dict[str, Manifest]) -> Manifest:
     module_name, function_name = spec.entry.split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
-    child = tracking.start_run(uri, parent.client.get_run(parent.run_id).info.experiment_id, spec.name, {
-        "vim.kind": "stage", "vim.stage": spec.name, "vim.fingerprint": fingerprint,
-        "vim.git_commit": tracking.git_commit(), "vim.config_hash": config_hash}, parent_run_id=parent.run_id)
-    child.log_params(config)
+    experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+    # A stage that was interrupted keeps logging into the same MLflow run when it resumes.
+    child = tracking.find_unfinished_child(uri, experiment_id, parent.run_id, fingerprint)
+    if child is None:
+        child = tracking.start_run(uri, experiment_id, spec.name, {
+            "vim.kind": "stage", "vim.stage": spec.name, "vim.fingerprint": fingerprint,
+            "vim.git_commit": tracking.git_commit(), "vim.config_hash": config_hash}, parent_run_id=parent.run_id)
+        child.log_params(config)
     ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child)
     log.info("stage %s: running (fingerprint %s)", spec.name, fingerprint)
     started = time.perf_counter()
@@ -211,3 +216,5 @@ def connect_ray(cfg: PipelineConfig, tracking_uri: str) -> None:
         env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]  # every process must agree, or Data tasks hang
     ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env},
              log_to_driver=True)
+    # Bars redraw in place on a terminal; in job logs they are noise. Stages log their own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()

@@ -1,0 +1,99 @@
+"""cpu / cuda / xla behind one object, so training code never branches on the device.
+
+It answers: which device, which autocast dtype (bf16 on CUDA and TPU, none on CPU, where bf16 matmul is
+~300x slower here), which process-group backend, and the few calls that differ under torch_xla.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 peaks from the datasheets (FLOP/s), for model FLOPs utilisation.
+DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+                       "T4": 65e12, "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+
+
+def _xla_requested() -> bool:
+    return bool(os.environ.get("PJRT_DEVICE")) or bool(os.environ.get("TPU_NAME"))
+
+
+@dataclass
+class Backend:
+    kind: str  # cpu | cuda | xla
+    device: torch.device
+
+    @property
+    def dist_backend(self) -> str:
+        return {"cpu": "gloo", "cuda": "nccl", "xla": "xla"}[self.kind]
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.kind == "cpu" else torch.bfloat16
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = "cuda" if self.kind == "cuda" else "xla"
+        return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+
+            xm.optimizer_step(optimizer)  # all-reduces gradients across XLA replicas, then steps
+        else:
+            optimizer.step()
+
+    def mark_step(self) -> None:
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+
+            xm.mark_step()
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.mark_step()
+
+    def fused_adamw(self) -> bool:
+        return self.kind == "cuda"
+
+    def peak_flops(self) -> tuple[float, str]:
+        """(FLOP/s, how it was obtained): datasheet bf16 on accelerators, a measured matmul on CPU."""
+        if self.kind == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            for key, value in DATASHEET_BF16_PEAK.items():
+                if key in name:
+                    return value, f"datasheet bf16 ({name})"
+            return float("nan"), f"unknown GPU {name}"
+        if self.kind == "xla":
+            version = os.environ.get("TPU_ACCELERATOR_TYPE", "v4").split("-")[0]
+            return DATASHEET_BF16_PEAK.get(version, float("nan")), f"datasheet bf16 ({version}, per chip)"
+        return measure_cpu_matmul_flops(), "measured fp32 matmul"
+
+
+def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def detect(preference: str = "auto") -> Backend:
+    """preference: auto | cpu | cuda | xla."""
+    if preference == "xla" or (preference == "auto" and _xla_requested()):
+        import torch_xla.core.xla_model as xm
+
+        return Backend("xla", xm.xla_device())
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        index = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(index)
+        return Backend("cuda", torch.device("cuda", index))
+    return Backend("cpu", torch.device("cpu"))

@@ -1,0 +1,61 @@
+"""Ray Train glue shared by the training stages: the trainer, checkpoint reporting and restoring.
+
+Run names are derived from the stage fingerprint, so re-submitting the same job resumes the same run
+from its latest checkpoint, while a changed configuration starts a fresh one.
+"""
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Callable
+
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.config import TrainerResources
+from pipeline.stage import StageContext
+from pipeline.train.state import load_state, save_state
+
+CHECKPOINTS = "checkpoints"
+
+
+def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: dict[str, Any],
+                  resources: TrainerResources, datasets: dict[str, Any], split: tuple[str, ...] = ("train",),
+                  tpu_chips_per_host: int = 4) -> TorchTrainer:
+    run_name = f"{ctx.spec.name}-{ctx.fingerprint}"
+    storage = ctx.run_dir.uri(ctx.folder, CHECKPOINTS)
+    for stale in ctx.run_dir.list(ctx.folder, CHECKPOINTS):  # partial runs of other configurations
+        if stale != run_name and not stale.startswith("."):
+            ctx.run_dir.delete(ctx.folder, CHECKPOINTS, stale)
+    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if resources.tpu_hosts:
+        per_worker["TPU"] = tpu_chips_per_host  # one worker per TPU host; torch_xla drives its chips
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo" if not resources.use_gpu else "nccl"),
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": loop_config.get("env", {})}),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split)))
+
+
+def restore_state() -> dict[str, Any] | None:
+    """The latest checkpoint's state on this worker, or None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_state(folder)
+
+
+def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+    """Every rank calls this; rank 0 passes the state to checkpoint (others pass None)."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_state(folder, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -1,0 +1,101 @@
+"""The tokenizer stage on a real local Ray: 2 CPU workers, checkpoints, a killed worker and a killed
+driver both resume at the checkpointed step, and the exported files load on their own."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.storage import Manifest, RunDir
+from pipeline.tracking import default_tracking_uri
+from stages.runner import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=128", "ingest.resolution=16",
+        "ingest.cpus_per_task=0.5", "tokenizer.image_size=16", "tokenizer.codebook_size=64",
+        "tokenizer.steps=40", "tokenizer.batch_size=16", "tokenizer.checkpoint_every=10",
+        "tokenizer.log_every=5", "tokenizer.image_every=20", "tokenizer.disc_start=20",
+        "tokenizer.val_images=64", "tokenizer.resources.num_workers=2",
+        "tokenizer.resources.cpus_per_worker=0.5"]
+
+
+def _first_checkpoint(run_dir: Path) -> bool:
+    # Two on disk: the first has surely been registered by the controller (a kill between a checkpoint's
+    # upload and its registration would rightly restart from scratch).
+    return len(list((run_dir / "tokenizer" / "checkpoints").glob("*/checkpoint_*"))) >= 2
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not _first_checkpoint(run_dir):
+        if time.time() > deadline:
+            raise TimeoutError("no checkpoint appeared")
+        time.sleep(0.05)
+
+
+def _history(run_dir: Path, run_id: str, key: str) -> list:
+    return MlflowClient(default_tracking_uri(str(run_dir))).get_metric_history(run_id, key)
+
+
+def _check_finished(run_dir: Path) -> Manifest:
+    manifest = Manifest.read(RunDir(str(run_dir)), "tokenizer")
+    assert manifest is not None and manifest.counts["steps"] == 40
+    tokenizer = load_tokenizer(run_dir / "tokenizer")  # needs nothing but the two files
+    images = torch.rand(3, 3, 16, 16)
+    codes = tokenizer.encode(images)
+    assert codes.shape == (3, 4, 4) and codes.max() < 64
+    assert tokenizer.decode(codes).shape == (3, 3, 16, 16)
+    logged = sorted({m.step for m in _history(run_dir, manifest.mlflow_run_id, "train_loss")})
+    assert logged == list(range(5, 41, 5))  # every logging step once or more: none skipped
+    assert manifest.metrics["val_psnr"] > 5 and 0 < manifest.metrics["val_usage_per_256"] <= 1
+    return manifest
+
+
+def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
+    run_dir = tmp_path / "run"
+    killed = []
+
+    def kill_a_worker():
+        _wait_for_checkpoint(run_dir)
+        for process in psutil.process_iter(["cmdline"]):
+            if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    run_pipeline(cfg, str(run_dir))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    manifest = _check_finished(run_dir)
+    resumed = _history(run_dir, manifest.mlflow_run_id, "resumed_from_step")
+    assert resumed and all(m.value in (10, 20, 30) for m in resumed), [m.value for m in resumed]
+
+
+def test_killed_driver_resumes_when_run_again(ray_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "jobs" / "full_pipeline.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--run-dir", str(run_dir)] + [a for t in TINY for a in ("--set", t)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(run_dir)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert Manifest.read(RunDir(str(run_dir)), "tokenizer") is None
+
+    from jobs.full_pipeline import main
+
+    assert main(args[2:]) == 0
+    manifest = _check_finished(run_dir)
+    resumed = _history(run_dir, manifest.mlflow_run_id, "resumed_from_step")
+    assert resumed and resumed[0].value >= 10
