@@ -136,3 +136,34 @@ def test_tiny_tokenizer_overfits_sixteen_images(tmp_path):
     loaded = load_tokenizer(tmp_path / "tok")
     assert torch.equal(loaded.encode(images), model.encode(images))
     assert torch.allclose(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["tokenizer.codebook_dim=4"], ["tokenizer.codebook_dim=8"], ["tokenizer.codebook_dim=32"],
+    ["tokenizer.codebook_dim=256"], ["tokenizer.codebook_dim=32", "tokenizer.l2_normalize=false"],
+    ["tokenizer.codebook_dim=null", "tokenizer.l2_normalize=false"], ["tokenizer.ema=true"],
+    ["tokenizer.output_head=linear", "tokenizer.logit_laplace_weight=0"]])
+def test_codebook_ablations_come_from_config_alone(overrides):
+    from pipeline.config import build_config
+    from pipeline.train.tokenizer_objective import TokenizerObjective
+
+    cfg = build_config({}, ["tokenizer.perceptual_weight=0", "tokenizer.image_size=16",
+                            "tokenizer.disc_base_channels=8", *overrides]).tokenizer
+    objective = TokenizerObjective(cfg)
+    lookup = objective.model.quantizer.codebook.shape[1]
+    assert lookup == (cfg.codebook_dim or 64)
+    images = torch.rand(4, 3, 16, 16)
+    loss, terms, reconstruction, _ = objective.generator_losses(objective.model, objective.discriminator, images, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and reconstruction.shape == images.shape and "adversarial" in terms
+    d_loss, d_terms = objective.discriminator_losses(objective.discriminator, images, reconstruction, 0)
+    assert torch.isfinite(d_loss) and "r1" in d_terms
+
+
+def test_inconsistent_tokenizer_settings_are_named():
+    from pipeline.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="tokenizer.logit_laplace_weight=0"):
+        build_config({}, ["tokenizer.output_head=linear"])
+    with pytest.raises(ConfigError, match="patch_size"):
+        build_config({}, ["tokenizer.image_size=30"])
