@@ -23,14 +23,14 @@ ray-down:
 	bash scripts/ray_head.sh stop
 
 demo: setup ray-up
-	ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-	  python jobs/full_pipeline.py --config $(CONFIG) --run-dir $(RUN_DIR)
+	bash scripts/submit.sh python jobs/full_pipeline.py --config $(CONFIG) --run-dir $(RUN_DIR)
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/ingest.py --out bench-out/ingest.json
+	$(PY) benchmarks/tokenizer.py --out bench-out/tokenizer.json
 
 clean:
 	rm -rf runs bench-out

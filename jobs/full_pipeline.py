@@ -9,6 +9,7 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import SourceError
+from pipeline.models.losses import PerceptualWeightsMissing
 from pipeline.tracking import default_tracking_uri
 from stages import STAGE_NAMES
 from stages.runner import PipelineError, connect_ray, preflight, run_pipeline
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg, args.from_stage, args.only)
         connect_ray(cfg, default_tracking_uri(args.run_dir))
         outcomes = run_pipeline(cfg, args.run_dir, args.from_stage, args.only, tuple(args.force))
-    except (ConfigError, PipelineError, SourceError) as error:
+    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_summary(outcomes, args.run_dir)

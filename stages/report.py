@@ -5,9 +5,17 @@ from pipeline.storage import RunDir
 from pipeline.tracking import default_tracking_uri
 
 
-def _figures(metrics: dict[str, float], limit: int = 6) -> str:
-    shown = [f"{k}={v:.4g}" for k, v in list(metrics.items())[:limit]]
-    return ", ".join(shown)
+# The figures worth a glance per stage; the manifest and MLflow hold the rest.
+HEADLINE = {
+    "ingest": ("images_total", "skipped_total", "images_per_second"),
+    "tokenizer": ("val_psnr", "val_l2", "val_usage_per_256", "val_perplexity", "val_dead_codes",
+                  "train_images_per_second_overall"),
+}
+
+
+def _figures(stage: str, metrics: dict[str, float]) -> str:
+    names = HEADLINE.get(stage) or tuple(metrics)[:6]
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in names if k in metrics)
 
 
 def print_summary(outcomes, run_dir_location: str) -> None:
@@ -15,7 +23,7 @@ def print_summary(outcomes, run_dir_location: str) -> None:
     print("\nstage        status    seconds  figures")
     print("-" * 100)
     for outcome in outcomes:
-        print(f"{outcome.name:<12} {outcome.status:<8} {outcome.seconds:8.1f}  {_figures(outcome.manifest.metrics)}")
+        print(f"{outcome.name:<12} {outcome.status:<8} {outcome.seconds:8.1f}  {_figures(outcome.name, outcome.manifest.metrics)}")
     uri = default_tracking_uri(run_dir.location)
     print(f"\nrun directory: {run_dir.location}")
     print(f"browse results: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

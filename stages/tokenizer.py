@@ -140,7 +140,7 @@ def tokenizer_loop(loop_config: dict) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     if tracker is not None and state is not None:
         tracker.log_metrics({"resumed_from_step": step}, step=step)
-    preview = next(iter(_val_batches(cfg, backend)))[:8] if rank == 0 else None
+    val_probe = next(iter(_val_batches(cfg, backend))) if rank == 0 else None  # fixed: comparable over time
     shard = ray.train.get_dataset_shard("train")
     started = window_start = time.perf_counter()
     window_images, data_wait = 0, 0.0
@@ -214,7 +214,7 @@ def tokenizer_loop(loop_config: dict) -> None:
                       f"usage {stats['usage_batch']:.3f} {rate:.1f} img/s ETA {eta:.0f}s", flush=True)
                 window_start, window_images, data_wait = time.perf_counter(), 0, 0.0
             if tracker is not None and (step % cfg.image_every == 0 or step == cfg.steps):
-                _log_reconstructions(objective.model, preview, backend, tracker, step)
+                _log_reconstructions(objective.model, val_probe, backend, tracker, step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 report({"step": step}, checkpoint_state())
             if step >= cfg.steps:
@@ -238,10 +238,13 @@ def tokenizer_loop(loop_config: dict) -> None:
 
 
 @torch.no_grad()
-def _log_reconstructions(model, preview: torch.Tensor, backend, tracker: Tracker, step: int) -> None:
+def _log_reconstructions(model, val_probe: torch.Tensor, backend, tracker: Tracker, step: int) -> None:
+    """PSNR on a fixed val batch, and a grid of its first 8 images over their reconstructions."""
     model.eval()
-    reconstruction = model(preview.to(backend.device))[0].clamp(0, 1).float().cpu()
+    reconstruction = model(val_probe.to(backend.device))[0].clamp(0, 1).float().cpu()
     model.train()
+    tracker.log_metrics({"val_psnr_probe": float(psnr(reconstruction, val_probe).mean())}, step=step)
+    preview, reconstruction = val_probe[:8], reconstruction[:8]
     rows = torch.cat([preview, reconstruction]).permute(0, 2, 3, 1).mul(255).round().byte().numpy()
     grid = make_grid(list(rows), columns=len(preview), scale=max(1, 64 // preview.shape[-1]))
     tracker.log_image(grid, f"reconstructions/step_{step:07d}.png")

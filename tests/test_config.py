@@ -56,3 +56,9 @@ def test_hash_ignores_runtime_only_fields_and_follows_output_fields():
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("preset", ["demo.yaml", "cifar10.yaml", "imagenet256-base.yaml", "imagenet256-large.yaml"])
+def test_every_preset_is_valid(preset):
+    cfg = load_config(f"configs/{preset}")
+    assert cfg.tokenizer.image_size % cfg.tokenizer.patch_size == 0

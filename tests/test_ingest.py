@@ -34,7 +34,7 @@ def _imagenet_cfg(root: Path, layout: str, *extra: str):
 def test_imagenet_layouts_become_mixed_shards(ray_cluster, tmp_path, layout):
     fake = make_imagenet(tmp_path / "src", layout)
     run_dir = tmp_path / "run"
-    outcomes = run_pipeline(_imagenet_cfg(fake.root, layout), str(run_dir))
+    outcomes = run_pipeline(_imagenet_cfg(fake.root, layout), str(run_dir), only="ingest")
     assert [(o.name, o.status) for o in outcomes] == [("ingest", "ran")]
 
     manifest = Manifest.read(RunDir(str(run_dir)), "shards")
@@ -70,8 +70,8 @@ def test_imagenet_layouts_become_mixed_shards(ray_cluster, tmp_path, layout):
     assert child.data.params["resolution"] == "32" and child.data.tags["mlflow.parentRunId"]
 
     # Re-run: nothing to do. A changed key: the stage reruns.
-    assert run_pipeline(_imagenet_cfg(fake.root, layout), str(run_dir))[0].status == "skipped"
-    rerun = run_pipeline(_imagenet_cfg(fake.root, layout, "ingest.resolution=16"), str(run_dir))
+    assert run_pipeline(_imagenet_cfg(fake.root, layout), str(run_dir), only="ingest")[0].status == "skipped"
+    rerun = run_pipeline(_imagenet_cfg(fake.root, layout, "ingest.resolution=16"), str(run_dir), only="ingest")
     assert rerun[0].status == "ran"
     first = next(iter_samples(list_shards(str(run_dir / "shards" / "train"))[0]))
     assert first["image"].shape == (16, 16, 3)
@@ -82,7 +82,7 @@ def test_cifar10_image_folder(ray_cluster, cifar_root, tmp_path):
                                    "splits": {"train": "train", "val": "test"}, "resolution": None,
                                    "image_format": "png", "shard_size": 100, "max_images_per_split": 300,
                                    "cpus_per_task": 0.5}})
-    run_pipeline(cfg, str(tmp_path / "run"))
+    run_pipeline(cfg, str(tmp_path / "run"), only="ingest")
     manifest = Manifest.read(RunDir(str(tmp_path / "run")), "shards")
     assert manifest.counts["train"]["images"] == 300 and manifest.counts["val"]["images"] == 300
     assert len(manifest.counts["train"]["class_histogram"]) == 10
@@ -93,7 +93,7 @@ def test_cifar10_image_folder(ray_cluster, cifar_root, tmp_path):
 def _fmnist_args(run_dir: Path) -> list[str]:
     return ["--config", str(ROOT / "configs" / "demo.yaml"), "--run-dir", str(run_dir),
             "--set", "ingest.max_images_per_split=1500", "--set", "ingest.shard_size=100",
-            "--set", "ingest.cpus_per_task=0.5"]
+            "--set", "ingest.cpus_per_task=0.5", "--only", "ingest"]
 
 
 def test_killed_run_resumes_to_identical_shards(ray_cluster, tmp_path):
@@ -139,7 +139,7 @@ def test_config_error_stops_the_job_before_ray(tmp_path):
     started = time.time()
     result = subprocess.run([sys.executable, str(ROOT / "jobs" / "full_pipeline.py"), "--config",
                              str(ROOT / "configs" / "demo.yaml"), "--run-dir", str(tmp_path / "run"),
-                             "--set", "ingest.shard_sise=3"], capture_output=True, text=True,
+                             "--set", "ingest.shard_sise=3", "--only", "ingest"], capture_output=True, text=True,
                             env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
     assert result.returncode == 2 and "ingest.shard_sise" in result.stderr and "shard_size" in result.stderr
     assert time.time() - started < 30 and not (tmp_path / "run").exists()
@@ -151,3 +151,11 @@ def test_missing_source_stops_the_job_before_ray(tmp_path):
                              "--set", f"ingest.root={tmp_path / 'nowhere'}"], capture_output=True, text=True,
                             env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_missing_vgg_weights_stop_the_job_before_ray(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "full_pipeline.py"), "--run-dir",
+                             str(tmp_path / "run"), "--set", "tokenizer.vgg16_weights=/nowhere/vgg16.pth"],
+                            capture_output=True, text=True,
+                            env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "TORCH_HOME": str(tmp_path)})
+    assert result.returncode == 2 and "tokenizer.perceptual_weight=0" in result.stderr
