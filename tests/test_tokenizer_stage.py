@@ -1,5 +1,6 @@
 """The tokenizer stage on a real local Ray: 2 CPU workers, checkpoints, a killed worker and a killed
 driver both resume at the checkpointed step, and the exported files load on their own."""
+import json
 import os
 import signal
 import subprocess
@@ -28,9 +29,15 @@ TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=128", "ingest.reso
 
 
 def _first_checkpoint(run_dir: Path) -> bool:
-    # Two on disk: the first has surely been registered by the controller (a kill between a checkpoint's
-    # upload and its registration would rightly restart from scratch). The run has 140 steps left then.
-    return len(list((run_dir / "tokenizer" / "checkpoints").glob("*/checkpoint_*"))) >= 2
+    """True once the Train controller has registered a checkpoint (its snapshot names one). A worker
+    killed between a checkpoint's upload and its registration rightly restarts from scratch."""
+    for snapshot in (run_dir / "tokenizer" / "checkpoints").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):  # being rewritten
+            pass
+    return False
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout: float = 300) -> None:
