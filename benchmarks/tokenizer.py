@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="training steps for the quality runs")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-paper-size", action="store_true")
+    parser.add_argument("--quality-size", default="mini", help="encoder/decoder size of the quality runs")
     args = parser.parse_args()
     backend = devices.detect(args.device)
     small = {"image_size": 32, "patch_size": 4}
@@ -133,7 +134,8 @@ def main() -> None:
         with tarfile.open(cifar) as archive:
             archive.extractall(target, filter="data")
         train, test = load_cifar(target / "cifar10" / "train", 20000), load_cifar(target / "cifar10" / "test", 2048)
-        common = {**small, "encoder": "mini", "decoder": "mini", "codebook_size": 1024, "batch_size": 64,
+        common = {**small, "encoder": args.quality_size, "decoder": args.quality_size, "codebook_size": 1024,
+                  "batch_size": 64,
                   "lr": 1e-3, "lr_floor": 1e-4, "warmup_steps": 50, "codebook_init": "data",
                   "dead_code_threshold": 0.02, "adversarial_weight": 0.0}
         for variant in ({"codebook_dim": 32, "l2_normalize": True}, {"codebook_dim": 8, "l2_normalize": True},
