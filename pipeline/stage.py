@@ -11,6 +11,10 @@ from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import Tracker
 
 
+class StageInputError(ValueError):
+    """A stage's inputs do not fit together (stale upstream outputs, a model unlike the config)."""
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str  # what users type: --only ingest

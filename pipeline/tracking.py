@@ -93,6 +93,15 @@ class Tracker:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, local_path, artifact_path)
 
+    def log_artifact_bytes(self, data: bytes, artifact_file: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 

@@ -4,6 +4,11 @@ from pipeline.stage import StageSpec
 STAGES: tuple[StageSpec, ...] = (
     StageSpec(name="ingest", folder="shards", upstream=(), entry="stages.ingest:run"),
     StageSpec(name="tokenizer", folder="tokenizer", upstream=("ingest",), entry="stages.tokenizer:run"),
+    StageSpec(name="pretokenize", folder="codes", upstream=("ingest", "tokenizer"), entry="stages.pretokenize:run"),
+    StageSpec(name="transformer", folder="transformer", upstream=("ingest", "pretokenize"),
+              entry="stages.transformer:run"),
+    StageSpec(name="evaluate", folder="eval", upstream=("ingest", "tokenizer", "pretokenize", "transformer"),
+              entry="stages.evaluate:run"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

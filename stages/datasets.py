@@ -6,13 +6,16 @@ import ray
 from pipeline.storage import Manifest, RunDir
 
 
-def shard_dataset(run_dir: RunDir, ingest: Manifest, split: str) -> ray.data.Dataset:
-    """A split's WebDataset shards as rows {image: HWC uint8, label: int, key: str}."""
-    files = ingest.outputs["shards"].get(split)
+def shard_dataset(run_dir: RunDir, ingest: Manifest, split: str, files: list[str] | None = None,
+                  read_cpus: float | None = None) -> ray.data.Dataset:
+    """A split's WebDataset shards (or the given subset) as rows {image: HWC uint8, label: int, key: str}.
+    `read_cpus`: CPUs per read task (Ray's default is 1, too many beside an actor pool on 2 cores)."""
+    files = files if files is not None else ingest.outputs["shards"].get(split)
     if not files:
         raise ValueError(f"the ingest stage wrote no '{split}' shards")
     image_format = ingest.outputs["image_format"]
     dataset = ray.data.read_webdataset([run_dir.uri("shards", name) for name in files],
-                                       suffixes=[image_format, "cls"])
-    return dataset.select_columns(["__key__", image_format, "cls"]).rename_columns(
-        {"__key__": "key", image_format: "image", "cls": "label"})
+                                       suffixes=[image_format, "cls"], num_cpus=read_cpus,
+                                       override_num_blocks=len(files))  # a block per shard, not 20
+    return dataset.select_columns(["__key__", image_format, "cls"], num_cpus=read_cpus).rename_columns(
+        {"__key__": "key", image_format: "image", "cls": "label"}, num_cpus=read_cpus)

@@ -10,6 +10,10 @@ HEADLINE = {
     "ingest": ("images_total", "skipped_total", "images_per_second"),
     "tokenizer": ("val_psnr", "val_l2", "val_usage_per_256", "val_perplexity", "val_dead_codes",
                   "train_images_per_second_overall"),
+    "pretokenize": ("train_rows", "val_rows", "train_usage_split", "train_perplexity", "images_per_second"),
+    "transformer": ("val_loss_nats", "val_bits_per_token", "train_tokens_per_second_overall", "parameters"),
+    "evaluate": ("rfid_inception", "recon_psnr", "fid_inception", "fid_domain", "is_domain", "probe_top1_best",
+                 "probe_top1_pixels"),
 }
 
 

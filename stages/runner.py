@@ -36,20 +36,24 @@ class StageOutcome:
     seconds: float
 
 
-def select(from_stage: str | None, only: str | None) -> list[str]:
-    for name in (from_stage, only):
+def select(from_stage: str | None, only: str | None, to_stage: str | None = None) -> list[str]:
+    for name in (from_stage, only, to_stage):
         if name is not None and name not in STAGE_NAMES:
             raise PipelineError(f"unknown stage '{name}'; stages: {', '.join(STAGE_NAMES)}")
     if only:
         return [only]
     start = STAGE_NAMES.index(from_stage) if from_stage else 0
-    return list(STAGE_NAMES[start:])
+    stop = STAGE_NAMES.index(to_stage) + 1 if to_stage else len(STAGE_NAMES)
+    if stop <= start:
+        raise PipelineError(f"--to {to_stage} comes before --from {from_stage}")
+    return list(STAGE_NAMES[start:stop])
 
 
-def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None) -> None:
+def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
+              to_stage: str | None = None) -> None:
     """Each selected stage's cheap input checks, so bad paths fail before Ray starts."""
     for spec in STAGES:
-        if spec.name in select(from_stage, only):
+        if spec.name in select(from_stage, only, to_stage):
             module = importlib.import_module(spec.entry.split(":")[0])
             if hasattr(module, "preflight"):
                 module.preflight(cfg)
@@ -125,8 +129,9 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str) -> tracking.Trac
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | None = None,
-                 only: str | None = None, force: tuple[str, ...] = ()) -> list[StageOutcome]:
-    selected = select(from_stage, only)
+                 only: str | None = None, force: tuple[str, ...] = (),
+                 to_stage: str | None = None) -> list[StageOutcome]:
+    selected = select(from_stage, only, to_stage)
     for name in force:
         select(name, None)
     run_dir = RunDir(run_dir_location)

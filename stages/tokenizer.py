@@ -265,7 +265,7 @@ def _export(model, run_dir_location: str, folder: str, final: dict) -> None:
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     from stages.datasets import shard_dataset
-    from stages.training import build_trainer
+    from stages.training import build_trainer, fit
 
     ingest = ctx.inputs["ingest"]
     tcfg = cfg.tokenizer
@@ -283,7 +283,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
                    "env": env}
     started = time.perf_counter()
     trainer = build_trainer(ctx, tokenizer_loop, loop_config, tcfg.resources, datasets)
-    trainer.fit()
+    fit(trainer)
     final = ctx.run_dir.read_json(ctx.folder, FINAL_METRICS)
     seconds = time.perf_counter() - started
     images = tcfg.steps * tcfg.batch_size * tcfg.resources.num_workers

@@ -5,7 +5,10 @@ from its latest checkpoint, while a changed configuration starts a fresh one.
 """
 from __future__ import annotations
 
+import gc
+import signal
 import tempfile
+import threading
 from typing import Any, Callable
 
 import ray.train
@@ -40,6 +43,23 @@ def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": loop_config.get("env", {})}),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split)))
+
+
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()`, then let go of the finished run's controller.
+
+    Ray Train 2.60 registers a SIGINT handler whose closure holds the controller's handle, so the
+    controller (and the Ray Data split coordinator it owns, with a read task still holding a CPU) lives
+    on until another trainer replaces the handler. The next stage of a pipeline would starve on a small
+    machine; restoring the previous handler frees the handle and Ray reclaims those actors."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+            gc.collect()
 
 
 def restore_state() -> dict[str, Any] | None:

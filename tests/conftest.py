@@ -46,3 +46,19 @@ def cifar_root(tmp_path_factory):
     with tarfile.open(CIFAR_TAR) as archive:
         archive.extractall(target, filter="data")
     return target / "cifar10"
+
+
+# A tiny ingest -> tokenizer -> pretokenize run, shared by the pretokenize and transformer tests.
+@pytest.fixture(scope="session")
+def coded_run(ray_cluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pretok") / "run"
+    from helpers import PRETOKENIZE_TINY
+    from pipeline.config import load_config
+    from stages.runner import run_pipeline
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", PRETOKENIZE_TINY)
+    outcomes = run_pipeline(cfg, str(run_dir), to_stage="pretokenize")
+    assert [o.name for o in outcomes] == ["ingest", "tokenizer", "pretokenize"]
+    return run_dir
+
+

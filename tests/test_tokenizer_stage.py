@@ -1,6 +1,5 @@
 """The tokenizer stage on a real local Ray: 2 CPU workers, checkpoints, a killed worker and a killed
 driver both resume at the checkpointed step, and the exported files load on their own."""
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import psutil
 import torch
 from mlflow.tracking import MlflowClient
 
+from helpers import wait_for_checkpoint
 from pipeline.config import load_config
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
@@ -26,26 +26,6 @@ TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=128", "ingest.reso
         "tokenizer.log_every=10", "tokenizer.image_every=80", "tokenizer.disc_start=20",
         "tokenizer.val_images=64", "tokenizer.resources.num_workers=2",
         "tokenizer.resources.cpus_per_worker=0.5"]
-
-
-def _first_checkpoint(run_dir: Path) -> bool:
-    """True once the Train controller has registered a checkpoint (its snapshot names one). A worker
-    killed between a checkpoint's upload and its registration rightly restarts from scratch."""
-    for snapshot in (run_dir / "tokenizer" / "checkpoints").glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, ValueError):  # being rewritten
-            pass
-    return False
-
-
-def _wait_for_checkpoint(run_dir: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not _first_checkpoint(run_dir):
-        if time.time() > deadline:
-            raise TimeoutError("no checkpoint appeared")
-        time.sleep(0.05)
 
 
 def _history(run_dir: Path, run_id: str, key: str) -> list:
@@ -74,7 +54,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
     started = time.time()
 
     def kill_a_worker():
-        _wait_for_checkpoint(run_dir)
+        wait_for_checkpoint(run_dir / "tokenizer")
         for process in psutil.process_iter(["cmdline", "create_time"]):
             title = " ".join(process.info["cmdline"] or [])
             if title.startswith("ray::RayTrainWorker") and process.info["create_time"] >= started:
@@ -84,7 +64,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
-    run_pipeline(cfg, str(run_dir))
+    run_pipeline(cfg, str(run_dir), to_stage="tokenizer")
     killer.join(timeout=5)
     assert killed, "no worker was killed"
     manifest = _check_finished(run_dir)
@@ -95,10 +75,10 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
 def test_killed_driver_resumes_when_run_again(ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "jobs" / "full_pipeline.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-            "--run-dir", str(run_dir)] + [a for t in TINY for a in ("--set", t)]
+            "--run-dir", str(run_dir), "--to", "tokenizer"] + [a for t in TINY for a in ("--set", t)]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoint(run_dir)
+    wait_for_checkpoint(run_dir / "tokenizer")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert Manifest.read(RunDir(str(run_dir)), "tokenizer") is None

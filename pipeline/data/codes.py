@@ -1,0 +1,88 @@
+"""The code-array format between pretokenize and the Transformer: plain Parquet any reader can open.
+
+Columns: `key` string, `label` int32, `view` int8, `codes` fixed_size_list<int16>[h*w*depth] (raster
+order). The schema metadata says how to read the codes back: grid, depth, codebook size, the tokenizer's
+hash and the view names, so a file is self-describing without Ray or this package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INT16_MAX = 32767
+METADATA_KEY = b"vim.codes"
+
+
+class CodesError(ValueError):
+    """Code arrays that cannot be stored or read as the contract says."""
+
+
+@dataclass(frozen=True)
+class CodesMeta:
+    grid: tuple[int, int]
+    codebook_size: int
+    tokenizer_sha256: str
+    depth: int = 1
+    views: tuple[str, ...] = ("plain",)
+    split: str = ""
+
+    @property
+    def length(self) -> int:
+        return self.grid[0] * self.grid[1] * self.depth
+
+    def schema(self) -> pa.Schema:
+        data = asdict(self)
+        return pa.schema([
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("label", pa.int32(), nullable=False),
+            pa.field("view", pa.int8(), nullable=False),
+            pa.field("codes", pa.list_(pa.int16(), self.length), nullable=False),
+        ], metadata={METADATA_KEY: json.dumps(data, sort_keys=True).encode()})
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema) -> "CodesMeta":
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise CodesError("this Parquet file has no 'vim.codes' schema metadata: not written by pretokenize")
+        data = json.loads(raw)
+        return cls(grid=tuple(data["grid"]), codebook_size=int(data["codebook_size"]),
+                   tokenizer_sha256=data["tokenizer_sha256"], depth=int(data.get("depth", 1)),
+                   views=tuple(data.get("views", ("plain",))), split=data.get("split", ""))
+
+
+def codes_table(keys, labels, views, codes: np.ndarray, meta: CodesMeta) -> pa.Table:
+    """Rows of the contract from arrays; codes (rows, ...) are flattened per row and must fit int16."""
+    codes = np.asarray(codes).reshape(len(codes), -1)
+    if codes.shape[1] != meta.length:
+        raise CodesError(f"{codes.shape[1]} codes per image, expected {meta.length} "
+                         f"(grid {meta.grid} x depth {meta.depth})")
+    if codes.size and (codes.min() < 0 or codes.max() > INT16_MAX or codes.max() >= meta.codebook_size):
+        raise CodesError(f"codes span [{codes.min()}, {codes.max()}]; they must lie in "
+                         f"[0, {min(meta.codebook_size - 1, INT16_MAX)}] to be stored as int16")
+    flat = pa.array(codes.astype(np.int16, copy=False).ravel(), pa.int16())
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(keys).astype(str), pa.string()),
+        pa.array(np.asarray(labels, np.int32), pa.int32()),
+        pa.array(np.asarray(views, np.int8), pa.int8()),
+        pa.FixedSizeListArray.from_arrays(flat, meta.length),
+    ], schema=meta.schema())
+
+
+def codes_matrix(table: pa.Table, meta: CodesMeta | None = None) -> np.ndarray:
+    """The `codes` column as an int16 (rows, length) array, zero-copy where Arrow allows."""
+    column = table.column("codes").combine_chunks()
+    length = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, length)
+
+
+def read_meta(path: str, filesystem=None) -> CodesMeta:
+    return CodesMeta.from_schema(pq.read_schema(path, filesystem=filesystem))
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

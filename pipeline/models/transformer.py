@@ -1,0 +1,264 @@
+"""The VIM Transformer: decoder-only, next-token prediction over the raster-ordered token grid.
+
+Sequence layout: position 0 holds the class token (its own embedding table; in the unconditional
+model a single start token), positions 1..L hold image tokens t_0..t_{L-1}, each with a learnable
+2D position embedding of its grid cell. The output at position i predicts t_i, so training feeds
+[class, t_0 .. t_{L-2}] and sampling decodes token by token from a preallocated KV cache.
+
+Label dropout (beyond the paper; as in LlamaGen) swaps a label for the null class at a set rate,
+so one model gives both the conditional and unconditional logits for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass(frozen=True)
+class VimSize:
+    dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+
+
+# Paper Table 2: Base and Large. The small ones train on a laptop CPU in minutes.
+VIM_SIZES: dict[str, VimSize] = {
+    "pico": VimSize(64, 2, 2, 256),
+    "nano": VimSize(128, 4, 4, 512),
+    "micro": VimSize(256, 6, 8, 1024),
+    "small": VimSize(512, 8, 8, 2048),
+    "B": VimSize(1536, 24, 16, 6144),
+    "L": VimSize(2048, 36, 32, 8192),
+}
+
+
+@dataclass
+class TransformerSettings:
+    size: str = "nano"
+    vocab_size: int = 512  # the tokenizer's codebook size
+    grid: tuple[int, int] = (8, 8)
+    num_classes: int = 10  # 0: unconditional, a start token instead of a class token
+    dropout: float = 0.1  # residual, MLP and attention (paper)
+    label_dropout: float = 0.0  # >0: train with a null class for classifier-free guidance
+
+    @property
+    def shape(self) -> VimSize:
+        return VIM_SIZES[self.size]
+
+    @property
+    def length(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def null_class(self) -> int:
+        """Index of the null class (the start token of an unconditional model)."""
+        return self.num_classes
+
+
+class KVCache:
+    """Keys and values of every block for up to `max_len` positions, allocated once."""
+
+    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (depth, batch, heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+
+    def append(self, block: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + keys.shape[2]
+        self.keys[block, :, :, start:end] = keys
+        self.values[block, :, :, start:end] = values
+        return self.keys[block, :, :, :end], self.values[block, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            start = cache.length
+            k, v = cache.append(block, k, v)
+            mask = None
+            if length > 1:  # new positions see the cache and the new positions before them
+                rows = torch.arange(start, start + length, device=x.device)[:, None]
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: VimSize, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(shape.dim)
+        self.attn = Attention(shape.dim, shape.heads, dropout)
+        self.norm2 = nn.LayerNorm(shape.dim)
+        self.mlp = nn.Sequential(nn.Linear(shape.dim, shape.mlp_dim), nn.GELU(approximate="tanh"),
+                                 nn.Dropout(dropout), nn.Linear(shape.mlp_dim, shape.dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, block)
+        return x + self.mlp(self.norm2(x))
+
+
+class VIMTransformer(nn.Module):
+    def __init__(self, settings: TransformerSettings):
+        super().__init__()
+        self.settings = settings
+        shape = settings.shape
+        self.token_embedding = nn.Embedding(settings.vocab_size, shape.dim)
+        self.class_embedding = nn.Embedding(settings.num_classes + 1, shape.dim)  # + null / start
+        self.position = nn.Parameter(torch.zeros(settings.grid[0], settings.grid[1], shape.dim))
+        self.class_position = nn.Parameter(torch.zeros(shape.dim))
+        self.dropout = nn.Dropout(settings.dropout)
+        self.blocks = nn.ModuleList(Block(shape, settings.dropout) for _ in range(shape.depth))
+        self.norm = nn.LayerNorm(shape.dim)  # the paper's extra LayerNorm after the last block
+        self.head = nn.Linear(shape.dim, settings.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, parameter in self.named_parameters():  # GPT-2: scale residual outputs by depth
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.3.weight"):
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * shape.depth))
+        nn.init.normal_(self.position, std=0.02)
+        nn.init.normal_(self.class_position, std=0.02)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training-time label dropout: each label becomes the null class with p = label_dropout."""
+        rate = self.settings.label_dropout
+        if rate <= 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < rate
+        return torch.where(drop, torch.full_like(labels, self.settings.null_class), labels)
+
+    def _class_tokens(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        if labels is None or self.settings.num_classes == 0:
+            labels = torch.full((batch,), self.settings.null_class, dtype=torch.long, device=device)
+        return (self.class_embedding(labels) + self.class_position)[:, None]
+
+    def _token_inputs(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Embeddings of tokens sitting at grid positions start, start+1, ..."""
+        positions = self.position.flatten(0, 1)[start:start + tokens.shape[1]]
+        return self.token_embedding(tokens) + positions
+
+    def _sequence(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([self._class_tokens(labels, tokens.shape[0], tokens.device),
+                          self._token_inputs(tokens, 0)], dim=1)
+
+    # ---- training and features -----------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, L) -> logits (B, L, vocab); logits[:, i] predicts tokens[:, i] from tokens[:, :i]."""
+        x = self.dropout(self._sequence(tokens[:, :-1], labels))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token NLL in nats."""
+        return F.cross_entropy(self(tokens, labels).float().flatten(0, 1), tokens.flatten())
+
+    @torch.no_grad()
+    def features(self, tokens: torch.Tensor, labels: torch.Tensor | None, block: int) -> torch.Tensor:
+        """Output of block `block` (0-based) at every image-token position: (B, L, dim), for the probe."""
+        if not 0 <= block < len(self.blocks):
+            raise ValueError(f"block {block} out of range 0..{len(self.blocks) - 1}")
+        x = self._sequence(tokens, labels)
+        for index in range(block + 1):
+            x = self.blocks[index](x)
+        return x[:, 1:]
+
+    @torch.no_grad()
+    def pooled_block_features(self, tokens: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+        """Average-pooled image-token features of several blocks in one pass: (B, len(blocks), dim).
+        The class slot holds the null class, so no label reaches the features."""
+        wanted = set(blocks)
+        x = self._sequence(tokens, None)
+        pooled = {}
+        for index in range(max(blocks) + 1):
+            x = self.blocks[index](x)
+            if index in wanted:
+                pooled[index] = x[:, 1:].mean(1)
+        return torch.stack([pooled[b] for b in blocks], 1)
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def new_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
+        shape = self.settings.shape
+        device = device or self.head.weight.device
+        return KVCache(shape.depth, batch, shape.heads, self.settings.length + 1, shape.dim // shape.heads,
+                       device, dtype)
+
+    def _run_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        for index, block in enumerate(self.blocks):
+            x = block(x, cache, index)
+        cache.length += x.shape[1]
+        return self.head(self.norm(x[:, -1]))
+
+    @torch.no_grad()
+    def prefill(self, labels: torch.Tensor | None, cache: KVCache, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Start decoding: the class token (plus optional known first tokens) -> logits of the next token."""
+        batch = cache.keys.shape[1]
+        x = self._class_tokens(labels, batch, cache.keys.device)
+        if prefix is not None and prefix.shape[1]:
+            x = torch.cat([x, self._token_inputs(prefix, 0)], dim=1)
+        return self._run_cached(x, cache)
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token (B,) at the next grid position -> logits (B, vocab) of the token after it."""
+        return self._run_cached(self._token_inputs(token[:, None], cache.length - 1), cache)
+
+    # ---- accounting -----------------------------------------------------------------------------
+    def parameter_count(self, embeddings: bool = False) -> int:
+        count = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            count -= self.token_embedding.weight.numel() + self.class_embedding.weight.numel()
+            count -= self.position.numel() + self.class_position.numel()
+        return count
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 N (non-embedding weights) + 12 layers x dim x context (attention)."""
+        shape = self.settings.shape
+        return 6 * self.parameter_count() + 12 * shape.depth * shape.dim * self.settings.length
+
+
+def save_transformer(model: VIMTransformer, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(asdict(model.settings), indent=2, sort_keys=True))
+
+
+def load_transformer(folder: str | Path, device: str | torch.device = "cpu") -> VIMTransformer:
+    """A VIM Transformer from its two files, in eval mode."""
+    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    data["grid"] = tuple(data["grid"])
+    model = VIMTransformer(TransformerSettings(**data))
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+    return model.to(device).eval()

@@ -1,0 +1,63 @@
+"""One optimizer step of the VIM Transformer over several micro-batches (gradient accumulation), and the
+schedule and parameter groups of the paper's recipe. Free of Ray: the stage and the XLA check share it."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.schedules import warmup_hold_exponential
+
+LN2 = math.log(2)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: embeddings, position tables, norms and biases are left alone (nanoGPT)."""
+    decay, keep = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_matrix = parameter.dim() >= 2 and "embedding" not in name and "position" not in name
+        (decay if is_matrix else keep).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, peak: float, floor: float, warmup: int, decay_start: int, total: int) -> float:
+    """Paper: linear warm-up to the peak, held, then exponential decay to the floor."""
+    return peak * warmup_hold_exponential(step, warmup, decay_start, total, floor / peak)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean NLL in nats per token, computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+
+def accumulated_step(model: nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                     optimizer: torch.optim.Optimizer, backend, grad_clip: float) -> tuple[float, float]:
+    """Forward/backward every micro-batch, then one clipped optimizer step.
+
+    Each micro-batch's mean loss is divided by their count, so k micro-batches of n give the gradient
+    of one batch of k*n. Under DDP only the last backward all-reduces (`no_sync` for the others).
+    Returns (mean loss in nats per token, gradient norm before clipping)."""
+    micro_batches = list(micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for index, (tokens, labels) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with backend.autocast():  # through the (DDP) wrapper's forward, so its hooks all-reduce
+                loss = next_token_loss(model(tokens, labels), tokens) / len(micro_batches)
+            loss.backward()
+        total += loss.detach()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in parameters]))
+    backend.optimizer_step(optimizer)
+    backend.mark_step()
+    return float(total), float(grad_norm)

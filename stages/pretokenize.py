@@ -1,0 +1,263 @@
+"""Pretokenize: every image of the ingest shards, in every configured view, to its code grid, as Parquet.
+
+Ray Data streams each split: read the shards, cut the views in CPU tasks, encode on a pool of tokenizer
+actors (one per accelerator on a GPU cluster, a few on CPU), write Parquet. A split is done in pieces of
+whole shards. Each piece is written to a staging folder, checked (rows = images x views, keys unique,
+codes in range), then moved into place and recorded; a killed run redoes only the pieces without a
+record, and the manifest lists only recorded files, so no reader ever sees half a piece.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from pipeline.config import PipelineConfig, PretokenizeConfig
+from pipeline.data.codes import INT16_MAX, CodesMeta, codes_matrix, codes_table, file_sha256
+from pipeline.data.transforms import to_float
+from pipeline.data.views import VIEW_IDS, cut_view
+from pipeline.metrics.codebook import CodebookUsage
+from pipeline.models.tokenizer import CONFIG_FILE, WEIGHTS_FILE, load_tokenizer
+from pipeline.stage import Progress, StageContext, StageInputError, StageResult
+from pipeline.storage import Manifest, RunDir
+
+PROGRESS, STAGING = "_progress", "_staging"
+
+
+class PretokenizeError(StageInputError):
+    """Inputs that do not fit together: stale shards, a tokenizer unlike the config."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The two Ray Data steps
+
+
+def cut_views(batch: dict[str, np.ndarray], views: list[str], size: int, crop_scale: float) -> dict:
+    """CPU task: one row per (image, view), each view at the tokenizer's input size."""
+    images = np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"]
+    if images.ndim == 3:  # grayscale decoded without a channel axis
+        images = np.repeat(images[..., None], 3, axis=-1)
+    out = {"key": [], "label": [], "view": [], "image": []}
+    for view in views:
+        out["image"].append(cut_view(images, view, size, crop_scale))
+        out["key"].append(batch["key"])
+        out["label"].append(np.asarray(batch["label"], np.int32))
+        out["view"].append(np.full(len(images), VIEW_IDS[view], np.int8))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def fetch_tokenizer(location: str) -> str:
+    """A local folder with the tokenizer's two files (copied when the run directory is a bucket)."""
+    run_dir = RunDir(location)
+    if run_dir.is_local:
+        return run_dir.root
+    local = tempfile.mkdtemp(prefix="tokenizer-")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        Path(local, name).write_bytes(run_dir.read_bytes(name))
+    return local
+
+
+class EncodeBatches:
+    """Actor: loads the exported tokenizer once, then turns image batches into rows of the codes contract."""
+
+    def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":  # exact fp32 lookups: the same codes as on CPU
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.model = load_tokenizer(fetch_tokenizer(tokenizer_location), self.device)
+        self.meta = CodesMeta(**{**meta, "grid": tuple(meta["grid"]), "views": tuple(meta["views"])})
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        images = to_float(torch.from_numpy(np.ascontiguousarray(batch["image"]))).to(self.device)
+        with torch.inference_mode():
+            codes = self.model.encode(images).cpu().numpy()
+        return codes_table(batch["key"], batch["label"], batch["view"], codes, self.meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before any Ray work
+
+
+def check_inputs(cfg: PipelineConfig, ctx: StageContext) -> tuple[dict, str]:
+    """The exported tokenizer's settings and hash, after checking it belongs to these shards and config."""
+    ingest, tokenizer = ctx.inputs["ingest"], ctx.inputs["tokenizer"]
+    if tokenizer.inputs.get("ingest") != ingest.fingerprint:
+        raise PretokenizeError(
+            f"the tokenizer in {ctx.run_dir.location} was trained on shards of another ingest run "
+            f"({tokenizer.inputs.get('ingest')} != {ingest.fingerprint}); rerun the tokenizer (--from tokenizer)")
+    for split, files in ingest.outputs["shards"].items():
+        missing = [f for f in files if not ctx.run_dir.exists("shards", f)]
+        if missing:
+            raise PretokenizeError(f"{len(missing)} {split} shard(s) listed by the ingest manifest are gone, "
+                                   f"e.g. shards/{missing[0]}; rerun ingest (--from ingest --force ingest)")
+    settings = json.loads(ctx.run_dir.read_bytes("tokenizer", CONFIG_FILE))
+    tcfg = cfg.tokenizer
+    expected = {"image_size": tcfg.image_size, "patch_size": tcfg.patch_size, "codebook_size": tcfg.codebook_size}
+    wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: file {a} vs config {b}" for k, (a, b) in wrong.items())
+        raise PretokenizeError(f"tokenizer/{CONFIG_FILE} does not match the tokenizer config ({details})")
+    if settings["codebook_size"] > INT16_MAX + 1:
+        raise PretokenizeError(f"codebook size {settings['codebook_size']} does not fit int16 codes")
+    return settings, file_sha256(ctx.run_dir.read_bytes("tokenizer", WEIGHTS_FILE))[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces: resumable units of whole shards
+
+
+def plan_pieces(files: list[str], shard_size: int, piece_images: int) -> list[list[str]]:
+    per_piece = max(1, piece_images // max(shard_size, 1))
+    return [files[i:i + per_piece] for i in range(0, len(files), per_piece)]
+
+
+def _encode_piece(ctx: StageContext, pcfg: PretokenizeConfig, split: str, files: list[str], staging: str,
+                  meta: CodesMeta, image_size: int) -> None:
+    from stages.datasets import shard_dataset
+
+    dataset = shard_dataset(ctx.run_dir, ctx.inputs["ingest"], split, files, read_cpus=pcfg.cpus_per_task)
+    # Views in big batches (few tasks, little scheduling), encoding in the configured batch size.
+    dataset = dataset.map_batches(cut_views, batch_size=pcfg.batch_size * 8, num_cpus=pcfg.cpus_per_task,
+                                  fn_kwargs={"views": list(pcfg.views), "size": image_size,
+                                             "crop_scale": pcfg.crop_scale})
+    meta_dict = {**meta.__dict__, "grid": list(meta.grid), "views": list(meta.views)}
+    dataset = dataset.map_batches(
+        EncodeBatches, batch_size=pcfg.batch_size, num_cpus=pcfg.cpus_per_actor, num_gpus=pcfg.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=pcfg.actors),
+        fn_constructor_kwargs={"tokenizer_location": ctx.run_dir.uri("tokenizer"), "meta": meta_dict,
+                               "threads": max(1, round(pcfg.cpus_per_actor)),
+                               "use_gpu": pcfg.gpus_per_actor > 0})
+    compression = None if pcfg.compression == "none" else pcfg.compression
+    dataset.write_parquet(ctx.run_dir.uri(staging), max_rows_per_file=pcfg.rows_per_file,
+                          schema=meta.schema(), compression=compression)
+
+
+def _check_piece(run_dir: RunDir, staging: str, meta: CodesMeta, views: int) -> dict:
+    """Rows, keys and a code histogram of a staged piece; raises on anything the contract forbids."""
+    files = [name for name in run_dir.list(staging) if name.endswith(".parquet")]
+    histogram = np.zeros(meta.codebook_size, np.int64)
+    seen: set[tuple[str, int]] = set()
+    keys: set[str] = set()
+    rows = 0
+    for name in files:
+        table = pq.read_table(run_dir.path(staging, name), filesystem=run_dir.fs)
+        if CodesMeta.from_schema(table.schema) != meta:
+            raise PretokenizeError(f"{staging}/{name}: schema metadata differs from the stage's")
+        pairs = set(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
+        if len(pairs) != table.num_rows or seen & pairs:
+            raise PretokenizeError(f"{staging}/{name}: duplicate (key, view) rows")
+        seen |= pairs
+        keys.update(k for k, _ in pairs)
+        codes = codes_matrix(table)
+        histogram += np.bincount(codes.ravel().astype(np.int64), minlength=meta.codebook_size)
+        rows += table.num_rows
+    if rows != len(keys) * views:
+        raise PretokenizeError(f"{staging}: {rows} rows for {len(keys)} images x {views} views")
+    return {"files": files, "rows": rows, "images": len(keys), "histogram": histogram}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def check_resources(pcfg: PretokenizeConfig) -> None:
+    """The actor pool plus one read/view task must fit the cluster, or the stream waits forever."""
+    available = ray.cluster_resources()
+    needed = pcfg.actors * pcfg.cpus_per_actor + pcfg.cpus_per_task
+    if needed > available.get("CPU", 0):
+        raise PretokenizeError(
+            f"pretokenize.actors x pretokenize.cpus_per_actor + pretokenize.cpus_per_task = {needed:g} CPUs, "
+            f"but the cluster has {available.get('CPU', 0):g}: nothing would be left to read the shards")
+    if pcfg.gpus_per_actor and pcfg.actors * pcfg.gpus_per_actor > available.get("GPU", 0):
+        raise PretokenizeError(f"pretokenize asks for {pcfg.actors * pcfg.gpus_per_actor:g} GPUs; the cluster "
+                               f"has {available.get('GPU', 0):g} (set pretokenize.gpus_per_actor=0 on CPU)")
+
+
+def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
+    pcfg, run_dir, folder, log = cfg.pretokenize, ctx.run_dir, ctx.folder, ctx.log
+    ingest: Manifest = ctx.inputs["ingest"]
+    settings, tokenizer_hash = check_inputs(cfg, ctx)
+    check_resources(pcfg)
+    grid = settings["image_size"] // settings["patch_size"]
+    shard_size = int(ingest.config.get("shard_size", 1000))
+
+    marker = {"fingerprint": ctx.fingerprint, "piece_images": pcfg.piece_images, "tokenizer": tokenizer_hash}
+    if not run_dir.exists(folder, PROGRESS, "marker.json") or run_dir.read_json(folder, PROGRESS, "marker.json") != marker:
+        run_dir.delete(folder)  # another configuration's partial output is not resumable
+        run_dir.write_json(marker, folder, PROGRESS, "marker.json")
+    run_dir.delete(folder, STAGING)
+
+    outputs: dict[str, list[str]] = {}
+    counts: dict[str, dict] = {}
+    metrics: dict[str, float] = {}
+    images_now, encode_seconds = 0, 0.0
+    for split, shard_files in ingest.outputs["shards"].items():
+        meta = CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"],
+                         tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split)
+        pieces = plan_pieces(shard_files, shard_size, pcfg.piece_images)
+        expected = ingest.counts[split]["images"]
+        progress = Progress(log, expected, "images")
+        usage = CodebookUsage(meta.codebook_size)
+        split_files: list[str] = []
+        rows = images = 0
+        for number, files in enumerate(pieces):
+            record = (folder, PROGRESS, f"{split}-{number:05d}.json")
+            if run_dir.exists(*record):
+                done = run_dir.read_json(*record)
+                log.info("%s piece %d/%d: already written, kept", split, number + 1, len(pieces))
+            else:
+                for stale in run_dir.list(folder, split):  # a move the kill interrupted
+                    if stale.startswith(f"part-{number:05d}-"):
+                        run_dir.delete(folder, split, stale)
+                staging = f"{folder}/{STAGING}/{split}-{number:05d}"
+                started = time.perf_counter()
+                _encode_piece(ctx, pcfg, split, files, staging, meta, settings["image_size"])
+                seconds = time.perf_counter() - started
+                checked = _check_piece(run_dir, staging, meta, len(pcfg.views))
+                names = []
+                run_dir.makedirs(folder, split)
+                for index, name in enumerate(sorted(checked["files"])):
+                    final = f"part-{number:05d}-{index:04d}.parquet"
+                    run_dir.fs.move(run_dir.path(staging, name), run_dir.path(folder, split, final))
+                    names.append(final)
+                run_dir.delete(staging)
+                done = {"files": names, "rows": checked["rows"], "images": checked["images"],
+                        "histogram": checked["histogram"].tolist(), "seconds": seconds}
+                run_dir.write_json(done, *record)
+                images_now += checked["images"]
+                encode_seconds += seconds
+                log.info("%s piece %d/%d: %d images -> %d rows in %.1fs (%.1f images/s)", split, number + 1,
+                         len(pieces), checked["images"], checked["rows"], seconds, checked["images"] / seconds)
+            progress.update(done["images"], f"{split} piece {number + 1}/{len(pieces)}")
+            split_files += [f"{split}/{name}" for name in done["files"]]
+            rows += done["rows"]
+            images += done["images"]
+            usage.histogram += np.asarray(done["histogram"], np.int64)
+        if images != expected:
+            raise PretokenizeError(f"{split}: encoded {images} images but the ingest manifest has {expected}")
+        stats = usage.result()
+        outputs[split] = split_files
+        counts[split] = {"rows": rows, "images": images, "files": len(split_files)}
+        metrics.update({f"{split}_rows": float(rows), f"{split}_images": float(images),
+                        f"{split}_usage_split": stats["usage_split"], f"{split}_perplexity": stats["perplexity"],
+                        f"{split}_dead_codes": stats["dead_codes"]})
+        ctx.tracker.log_dict({"codebook_size": meta.codebook_size, "histogram": usage.histogram.tolist()},
+                             f"code_histogram_{split}.json")
+    run_dir.delete(folder, PROGRESS)
+    run_dir.delete(folder, STAGING)
+    metrics["images_per_second"] = images_now / encode_seconds if encode_seconds else 0.0
+    metrics["encode_seconds"] = encode_seconds
+    log.info("pretokenize: %s; %.1f images/s", counts, metrics["images_per_second"])
+    return StageResult(
+        outputs={"codes": outputs, "grid": [grid, grid], "depth": 1, "codebook_size": settings["codebook_size"],
+                 "length": grid * grid, "views": {v: VIEW_IDS[v] for v in pcfg.views},
+                 "tokenizer_sha256": tokenizer_hash, "image_size": settings["image_size"]},
+        counts=counts, metrics=metrics,
+        details={"rows_per_file": pcfg.rows_per_file, "piece_images": pcfg.piece_images})

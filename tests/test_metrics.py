@@ -1,0 +1,123 @@
+"""Evaluation maths without Ray: Fréchet distance, IS bounds, the linear probe, PSNR/SSIM, the sampler."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.metrics.fid import GaussianStats, fid_from_stats, frechet_distance
+from pipeline.metrics.image_quality import psnr, ssim
+from pipeline.metrics.inception_score import inception_score
+from pipeline.metrics.probe import linear_probe
+from pipeline.models.sampling import (SamplingSettings, balanced_labels, filter_logits, guided_logits,
+                                      sample_tokens)
+from pipeline.models.transformer import TransformerSettings, VIMTransformer
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    features = np.random.default_rng(0).normal(size=(500, 16))
+    stats = GaussianStats.of(features)
+    assert abs(fid_from_stats(stats, stats)) < 1e-6
+
+
+def test_fid_of_two_gaussians_is_the_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    var1, var2 = rng.uniform(0.5, 2, size=8), rng.uniform(0.5, 2, size=8)
+    closed = ((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * np.sqrt(var1 * var2)).sum()
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed, rel=1e-9)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(300, 32)), rng.normal(0.3, 1.2, size=(300, 32)) @ rng.normal(size=(32, 32)) * 0.3
+    sa, sb = GaussianStats.of(a), GaussianStats.of(b)
+    ours = fid_from_stats(sa, sb)
+    theirs = fid_score.calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    # Rank-deficient covariances (fewer samples than dimensions) take the offset path in both.
+    small_a, small_b = GaussianStats.of(a[:10]), GaussianStats.of(b[:10])
+    assert fid_from_stats(small_a, small_b) == pytest.approx(
+        fid_score.calculate_frechet_distance(small_a.mu, small_a.sigma, small_b.mu, small_b.sigma), rel=1e-6)
+
+
+def test_gaussian_stats_round_trip(tmp_path):
+    stats = GaussianStats.of(np.random.default_rng(3).normal(size=(50, 4)))
+    stats.save(tmp_path / "ref.npz")
+    again = GaussianStats.load(tmp_path / "ref.npz")
+    assert again.count == 50 and np.array_equal(again.sigma, stats.sigma)
+
+
+def test_inception_score_bounds():
+    uniform = np.full((1000, 10), 0.1)
+    assert inception_score(uniform)[0] == pytest.approx(1.0)
+    one_hot = np.eye(10)[np.arange(1000) % 10]
+    assert inception_score(one_hot)[0] == pytest.approx(10.0, rel=1e-6)
+    assert 1.0 < inception_score(np.random.default_rng(0).dirichlet(np.ones(10), 1000))[0] < 10.0
+
+
+def test_probe_separates_separable_features_and_not_random_labels():
+    rng = np.random.default_rng(4)
+    centers = rng.normal(size=(5, 20)) * 4
+    labels = rng.integers(0, 5, 1000)
+    features = centers[labels] + rng.normal(size=(1000, 20))
+    result = linear_probe(features[:800], labels[:800], features[800:], labels[800:], 5)
+    assert result["top1"] > 0.95
+    random_labels = rng.integers(0, 5, 1000)
+    chance = linear_probe(rng.normal(size=(800, 20)), random_labels[:800], rng.normal(size=(200, 20)),
+                          random_labels[800:], 5)
+    assert chance["top1"] < 0.35  # chance is 0.2
+
+
+def test_psnr_and_ssim():
+    images = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(ssim(images, images), torch.ones(4), atol=1e-6)
+    noisy = (images + 0.1 * torch.randn_like(images)).clamp(0, 1)
+    assert (ssim(noisy, images) < 0.99).all()
+    assert torch.allclose(psnr(images * 0 + 0.5, images * 0 + 0.6), torch.full((4,), 20.0), atol=1e-3)
+
+
+def _model(label_dropout=0.1) -> VIMTransformer:
+    torch.manual_seed(0)
+    return VIMTransformer(TransformerSettings(size="pico", vocab_size=32, grid=(4, 4), num_classes=3,
+                                              dropout=0.0, label_dropout=label_dropout)).eval()
+
+
+def test_sampling_is_reproducible_and_class_balanced():
+    model = _model()
+    labels = balanced_labels(3, 4)
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    settings = SamplingSettings(top_k=10, top_p=0.9)
+    first = sample_tokens(model, labels, settings, torch.Generator().manual_seed(7))
+    again = sample_tokens(model, labels, settings, torch.Generator().manual_seed(7))
+    other = sample_tokens(model, labels, settings, torch.Generator().manual_seed(8))
+    assert first.shape == (12, 16) and torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_guidance_scale_one_is_the_plain_conditional_path():
+    cond, uncond = torch.randn(2, 32), torch.randn(2, 32)
+    assert torch.equal(guided_logits(cond, uncond, 1.0), cond)
+    assert torch.allclose(guided_logits(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
+    model = _model()
+    labels = torch.tensor([0, 2])
+    plain = sample_tokens(model, labels, SamplingSettings(guidance_scale=1.0), torch.Generator().manual_seed(1))
+    # The same path by hand: prefill + decode_step with the conditional labels only.
+    generator = torch.Generator().manual_seed(1)
+    cache = model.new_cache(2)
+    logits = model.prefill(labels, cache)
+    tokens = []
+    for position in range(16):
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        tokens.append(token)
+        if position < 15:
+            logits = model.decode_step(token, cache)
+    assert torch.equal(plain, torch.stack(tokens, 1))
+    with pytest.raises(ValueError):
+        sample_tokens(_model(label_dropout=0.0), labels, SamplingSettings(guidance_scale=2.0),
+                      torch.Generator().manual_seed(1))
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, SamplingSettings(top_k=2))[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, SamplingSettings(top_p=0.7))[0])
+    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, then 0.8 crosses it: kept
