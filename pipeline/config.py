@@ -277,6 +277,13 @@ class PipelineConfig(Section):
     transformer: TransformerConfig = TransformerConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
+    @model_validator(mode="after")
+    def _guidance_needs_label_dropout(self) -> "PipelineConfig":
+        if self.evaluate.guidance_scale != 1.0 and self.transformer.label_dropout <= 0:
+            raise ValueError("evaluate.guidance_scale != 1 needs a transformer trained with "
+                             "transformer.label_dropout > 0 (classifier-free guidance)")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides and readable errors
