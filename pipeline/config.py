@@ -109,6 +109,7 @@ class TrainerResources(Section):
     cpus_per_worker: float = runtime_only(0.5, "fractional on small machines, or Ray Data starves", gt=0)
     use_gpu: bool = runtime_only(False, "one GPU per worker (CUDA, nccl, bf16 autocast)")
     tpu_hosts: bool = runtime_only(False, "one worker per TPU host (torch_xla); see README")
+    tpu_chips_per_host: int = runtime_only(8, "TPU chips a host worker claims (v5litepod-8: 8, v4-8: 4)", ge=1)
     device: Literal["auto", "cpu", "cuda", "xla"] = runtime_only("auto")
     max_failures: int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
 

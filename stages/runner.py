@@ -59,6 +59,15 @@ def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | No
                 module.preflight(cfg)
 
 
+CONFIG_FILE = "pipeline_config.json"
+
+
+def stored_config(run_dir_location: str) -> dict | None:
+    """The whole config of the last pipeline run on this run directory (None before the first)."""
+    run_dir = RunDir(run_dir_location)
+    return run_dir.read_json(CONFIG_FILE) if run_dir.exists(CONFIG_FILE) else None
+
+
 def _section_hash(cfg: PipelineConfig, spec: StageSpec) -> tuple[dict, str]:
     section = getattr(cfg, spec.name)
     return section.output_affecting(), section.hash()
@@ -108,7 +117,8 @@ class RunLock:
         self.run_dir.delete(LOCK)
 
 
-def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str) -> tracking.Tracker:
+def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
+                sweep_run_id: str | None = None) -> tracking.Tracker:
     experiment = cfg.run.experiment or f"vim:{run_dir.location}"
     experiment_id = tracking.ensure_experiment(uri, experiment, run_dir.uri("_mlflow_artifacts")
                                                if not run_dir.is_local else
@@ -122,7 +132,7 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str) -> tracking.Trac
                 return reopened
     parent = tracking.start_run(uri, experiment_id, "pipeline", {
         "vim.kind": "pipeline", "vim.run_dir": run_dir.location, "vim.git_commit": tracking.git_commit(),
-        "vim.config_hash": cfg.hash()})
+        "vim.config_hash": cfg.hash()}, parent_run_id=sweep_run_id)
     parent.log_params(cfg.model_dump(mode="json"))
     run_dir.write_json({"tracking_uri": uri, "run_id": parent.run_id, "experiment_id": experiment_id}, key)
     return parent
@@ -130,7 +140,8 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str) -> tracking.Trac
 
 def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | None = None,
                  only: str | None = None, force: tuple[str, ...] = (),
-                 to_stage: str | None = None) -> list[StageOutcome]:
+                 to_stage: str | None = None, sweep_run_id: str | None = None) -> list[StageOutcome]:
+    """`sweep_run_id`: the MLflow run this pipeline run nests under (a sweep trial)."""
     selected = select(from_stage, only, to_stage)
     for name in force:
         select(name, None)
@@ -138,7 +149,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
     uri = tracking.default_tracking_uri(run_dir.location)
     outcomes: list[StageOutcome] = []
     with RunLock(run_dir):
-        parent = _parent_run(run_dir, cfg, uri)
+        parent = _parent_run(run_dir, cfg, uri, sweep_run_id)
+        run_dir.write_json(cfg.model_dump(mode="json"), CONFIG_FILE)  # what `jobs/run_stage.py` reuses
         status = "FAILED"
         try:
             manifests: dict[str, Manifest] = {}

@@ -23,8 +23,8 @@ CHECKPOINTS = "checkpoints"
 
 
 def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: dict[str, Any],
-                  resources: TrainerResources, datasets: dict[str, Any], split: tuple[str, ...] = ("train",),
-                  tpu_chips_per_host: int = 4) -> TorchTrainer:
+                  resources: TrainerResources, datasets: dict[str, Any],
+                  split: tuple[str, ...] = ("train",)) -> TorchTrainer:
     run_name = f"{ctx.spec.name}-{ctx.fingerprint}"
     storage = ctx.run_dir.uri(ctx.folder, CHECKPOINTS)
     for stale in ctx.run_dir.list(ctx.folder, CHECKPOINTS):  # partial runs of other configurations
@@ -32,7 +32,7 @@ def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: 
             ctx.run_dir.delete(ctx.folder, CHECKPOINTS, stale)
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if resources.tpu_hosts:
-        per_worker["TPU"] = tpu_chips_per_host  # one worker per TPU host; torch_xla drives its chips
+        per_worker["TPU"] = resources.tpu_chips_per_host  # one worker per TPU host; torch_xla drives its chips
     return TorchTrainer(
         loop, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="gloo" if not resources.use_gpu else "nccl"),

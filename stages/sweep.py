@@ -1,0 +1,281 @@
+"""Ray Tune sweeps over config keys, each trial a pipeline run from the first swept stage to `last_stage`.
+
+Layout under the sweep directory (local):
+    base/                 the stages before the first swept one, run once and shared by every trial
+    trials/<name>/        one run directory per trial; the shared stages are symlinked in from base/
+    tune/                 Ray Tune's experiment state (`Tuner.restore` resumes a killed sweep)
+    comparison.csv/.md    one row per trial: swept values and figures; plus one plot per swept key
+    mlflow.db             one MLflow experiment: the sweep run, each trial's pipeline run under it
+
+Trial names come from their swept values, so a restored or re-submitted sweep finds each trial's committed
+stages and skips them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline import tracking
+from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
+from stages import STAGE_NAMES, STAGES
+from stages.runner import PipelineError, run_pipeline
+
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+
+
+@dataclass
+class SweepSpec:
+    base: dict[str, Any]                              # the config as loaded from YAML (+ --set)
+    space: dict[str, tuple[str, list[Any]]]           # dotted key -> (kind, values or bounds)
+    last_stage: str = "evaluate"
+    metric: str | None = None                         # "<stage>.<metric>", e.g. tokenizer.val_psnr
+    mode: str = "max"
+    num_samples: int = 1
+    max_concurrent: int | None = None
+    extra_overrides: list[str] = field(default_factory=list)
+
+    @property
+    def first_stage(self) -> str:
+        return min((key.split(".")[0] for key in self.space), key=STAGE_NAMES.index)
+
+
+def parse_search(kind: str, text: str) -> tuple[str, tuple[str, list[Any]]]:
+    """`tokenizer.codebook_dim=4,8,16` -> ("tokenizer.codebook_dim", ("grid", [4, 8, 16]))."""
+    if "=" not in text:
+        raise ConfigError(f"--{kind} {text!r}: expected SECTION.KEY=V1,V2,...")
+    key, values = text.split("=", 1)
+    parsed = [yaml.safe_load(v) for v in values.split(",")]
+    if kind in ("uniform", "loguniform") and (len(parsed) != 2 or not all(isinstance(v, (int, float)) for v in parsed)):
+        raise ConfigError(f"--{kind} {key}: needs two numbers LOW,HIGH")
+    return key.strip(), (kind, parsed)
+
+
+def validate(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every grid point (and each random key's bounds) builds a valid config, before any work starts.
+    Returns the grid points."""
+    for key in spec.space:
+        section = key.split(".")[0]
+        if section not in STAGE_NAMES:
+            raise ConfigError(f"swept key '{key}': only stage sections can be swept ({', '.join(STAGE_NAMES)})")
+    if STAGE_NAMES.index(spec.first_stage) > STAGE_NAMES.index(spec.last_stage):
+        raise PipelineError(f"the swept stage {spec.first_stage} comes after --last-stage {spec.last_stage}")
+    if spec.metric is not None and spec.metric.split(".")[0] not in STAGE_NAMES[:STAGE_NAMES.index(spec.last_stage) + 1]:
+        raise ConfigError(f"--metric {spec.metric}: use <stage>.<metric> of a stage up to {spec.last_stage}")
+    grid_keys = [k for k, (kind, _) in spec.space.items() if kind == "grid"]
+    points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*(spec.space[k][1] for k in grid_keys))]
+    random_ends = [{k: v for k, (kind, values) in spec.space.items() if kind != "grid" for v in [values[i]]}
+                   for i in (0, -1)]
+    for point in points:
+        for ends in random_ends:
+            trial_config({**point, **ends}, spec)
+    return points
+
+
+def trial_config(values: dict[str, Any], spec: SweepSpec) -> PipelineConfig:
+    # JSON is YAML: overrides read back exactly these values.
+    return build_config(spec.base, spec.extra_overrides + [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
+def trial_name(values: dict[str, Any]) -> str:
+    readable = "_".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(values.items()))
+    safe = "".join(c if c.isalnum() or c in "=._-" else "-" for c in readable)[:80]
+    return f"{safe}_{stable_hash(values)[:6]}"
+
+
+def link_shared_stages(base_dir: Path, trial_dir: Path, first_stage: str) -> None:
+    """The trial's run directory sees the base's committed upstream stages as its own (symlinks)."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    for spec in STAGES:
+        if spec.name == first_stage:
+            break
+        target, link = base_dir / spec.folder, trial_dir / spec.folder
+        if target.exists() and not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+
+
+def _stage_metrics(outcomes) -> dict[str, float]:
+    figures = {}
+    for outcome in outcomes:
+        for key, value in (outcome.manifest.metrics or {}).items():
+            if isinstance(value, (int, float)):
+                figures[f"{outcome.name}.{key}"] = float(value)
+    return figures
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """One trial: the pipeline from the first swept stage to the last, in its own run directory."""
+    from ray import tune
+
+    spec: SweepSpec = config["__spec"]
+    values = {k: v for k, v in config.items() if not k.startswith("__")}
+    root = Path(config["__root"])
+    os.environ["MLFLOW_TRACKING_URI"] = config["__tracking_uri"]
+    trial_dir = root / "trials" / trial_name(values)
+    link_shared_stages(root / "base", trial_dir, spec.first_stage)
+    cfg = trial_config(values, spec)
+    outcomes = run_pipeline(cfg, str(trial_dir), to_stage=spec.last_stage, sweep_run_id=config["__sweep_run_id"])
+    tune.report({**_stage_metrics(outcomes), "trial_dir": str(trial_dir)})
+
+
+def _search_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {key: make[kind](values) for key, (kind, values) in spec.space.items()}
+
+
+def trial_cpus(cfg: PipelineConfig, first_stage: str, last_stage: str) -> float:
+    """What one trial's busiest stage holds at once (Ray Train workers plus a CPU for its data)."""
+    needs = []
+    for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]:
+        section = getattr(cfg, name)
+        if hasattr(section, "resources"):
+            needs.append(section.resources.num_workers * section.resources.cpus_per_worker + 0.5)
+        elif hasattr(section, "cpus_per_actor"):
+            needs.append(section.actors * section.cpus_per_actor + getattr(section, "cpus_per_task", 0.5))
+        else:
+            needs.append(getattr(section, "cpus_per_task", 1.0))
+    return max(needs)
+
+
+def sweep_tracking_uri(sweep_dir: str) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
+
+
+def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str, Any]:
+    import ray
+    from ray import tune
+
+    root = Path(sweep_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    validate(spec)
+    tracking_uri = sweep_tracking_uri(sweep_dir)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    spec.base = {**spec.base, "run": {**spec.base.get("run", {}), "experiment": f"sweep:{root}"}}
+    base_cfg = build_config(spec.base, spec.extra_overrides)
+
+    # Shared upstream stages, once.
+    first = STAGE_NAMES.index(spec.first_stage)
+    if first > 0:
+        run_pipeline(base_cfg, str(root / "base"), to_stage=STAGE_NAMES[first - 1])
+
+    sweep_run = _sweep_run(root, tracking_uri, spec)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = trial_cpus(base_cfg, spec.first_stage, spec.last_stage)
+    concurrency = spec.max_concurrent or max(1, int(cluster_cpus // per_trial))
+    param_space = {**_search_space(spec), "__spec": spec, "__root": str(root), "__tracking_uri": tracking_uri,
+                   "__sweep_run_id": sweep_run.run_id}
+    # The trial's own process only waits on its stages, which request their resources themselves.
+    trainable = tune.with_resources(_trainable, {"cpu": 0})
+    storage = str(root / "tune")
+    if tune.Tuner.can_restore(os.path.join(storage, name)):
+        tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
+            num_samples=spec.num_samples, max_concurrent_trials=concurrency,
+            metric=spec.metric, mode=spec.mode if spec.metric else None),
+            run_config=tune.RunConfig(name=name, storage_path=storage))
+    results = tuner.fit()
+    rows = _comparison_rows(results, spec)
+    status = "FINISHED" if not results.errors else "FAILED"
+    _write_comparison(root, rows, spec, sweep_run)
+    sweep_run.log_metrics({"trials": float(len(rows)), "errored_trials": float(len(results.errors))})
+    sweep_run.finish(status)
+    if results.errors:
+        raise PipelineError(f"{len(results.errors)} trial(s) failed: {results.errors[0]}")
+    return {"rows": rows, "concurrency": concurrency, "sweep_run_id": sweep_run.run_id, "root": str(root)}
+
+
+def _sweep_run(root: Path, tracking_uri: str, spec: SweepSpec) -> tracking.Tracker:
+    key = root / "sweep_run.json"
+    experiment_id = tracking.ensure_experiment(tracking_uri, f"sweep:{root}", f"file://{root / '_mlflow_artifacts'}")
+    if key.exists():
+        reopened = tracking.reopen_run(tracking_uri, yaml.safe_load(key.read_text())["run_id"])
+        if reopened is not None:
+            return reopened
+    run = tracking.start_run(tracking_uri, experiment_id, "sweep", {
+        "vim.kind": "sweep", "vim.git_commit": tracking.git_commit(), "vim.last_stage": spec.last_stage,
+        "vim.swept": ",".join(spec.space)})
+    run.log_params({f"sweep.{k}": f"{kind}:{values}" for k, (kind, values) in spec.space.items()})
+    key.write_text(yaml.safe_dump({"run_id": run.run_id}))
+    return run
+
+
+def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        if result.metrics is None or result.error:
+            continue
+        row = {key: result.config[key] for key in spec.space}
+        row.update({k: v for k, v in result.metrics.items() if "." in k and k.split(".")[0] in STAGE_NAMES})
+        row["trial_dir"] = result.metrics.get("trial_dir")
+        rows.append(row)
+    keys = list(spec.space)
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+def _figure_columns(rows: list[dict[str, Any]], spec: SweepSpec) -> list[str]:
+    preferred = [spec.metric] if spec.metric else []
+    preferred += ["tokenizer.val_usage_per_256", "tokenizer.val_psnr", "evaluate.rfid_domain",
+                  "evaluate.rfid_inception", "evaluate.fid_domain", "evaluate.probe_top1_best",
+                  "transformer.val_bits_per_token"]
+    present = set().union(*(row.keys() for row in rows)) if rows else set()
+    return list(dict.fromkeys(c for c in preferred if c and c in present))
+
+
+def _write_comparison(root: Path, rows: list[dict[str, Any]], spec: SweepSpec, sweep_run: tracking.Tracker) -> None:
+    keys, figures = list(spec.space), _figure_columns(rows, spec)
+    all_columns = keys + sorted({c for row in rows for c in row if c not in keys and c != "trial_dir"}) + ["trial_dir"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=all_columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    markdown = ["| " + " | ".join(keys + figures) + " |", "|" + "---|" * (len(keys) + len(figures))]
+    for row in rows:
+        cells = [str(row[k]) for k in keys] + [f"{row[c]:.4g}" if c in row else "" for c in figures]
+        markdown.append("| " + " | ".join(cells) + " |")
+    outputs = {"comparison.csv": buffer.getvalue().encode(), "comparison.md": ("\n".join(markdown) + "\n").encode()}
+    for key in keys:
+        if figures and rows:
+            outputs[f"plot_{key.replace('.', '_')}.png"] = _plot(rows, key, figures)
+    for file_name, data in outputs.items():
+        (root / file_name).write_bytes(data)
+        sweep_run.log_artifact_bytes(data, file_name)
+
+
+def _plot(rows: list[dict[str, Any]], key: str, figures: list[str]) -> bytes:
+    """Each figure against the swept value (the paper's Table 4 view: usage and rFID vs lookup dim)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(figures), figsize=(3.6 * len(figures), 3), dpi=110, squeeze=False)
+    labels = [str(row[key]) for row in rows]
+    numeric = all(isinstance(row[key], (int, float)) and not isinstance(row[key], bool) for row in rows)
+    for axis, column in zip(axes[0], figures):
+        points = [(row[key], row[column]) for row in rows if column in row]
+        if numeric:
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+            if len({p[0] for p in points}) > 2 and min(p[0] for p in points) > 0:
+                axis.set_xscale("log", base=2)
+        else:
+            axis.bar(labels, [row.get(column, float("nan")) for row in rows])
+        axis.set_xlabel(key)
+        axis.set_title(column, fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

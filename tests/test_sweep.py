@@ -1,0 +1,60 @@
+"""A 3-trial Ray Tune sweep over the lookup dimension on a real local Ray: ingest runs once and is shared,
+each trial is a child MLflow run of the sweep run, and the comparison table and plot reach MLflow."""
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import ConfigError
+from stages.sweep import SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["ingest.max_images_per_split=96", "ingest.shard_size=48", "ingest.resolution=16",
+        "ingest.cpus_per_task=0.5", "tokenizer.image_size=16", "tokenizer.codebook_size=64",
+        "tokenizer.steps=8", "tokenizer.batch_size=16", "tokenizer.adversarial_weight=0",
+        "tokenizer.val_images=32", "tokenizer.log_every=4", "tokenizer.resources.num_workers=1"]
+
+
+def _spec(values: str = "4,8,16") -> SweepSpec:
+    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    return SweepSpec(base=base, space=dict([parse_search("grid", f"tokenizer.codebook_dim={values}")]),
+                     last_stage="tokenizer", metric="tokenizer.val_usage_per_256", mode="max", extra_overrides=TINY)
+
+
+def test_bad_sweeps_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="codebook_dim"):
+        validate(_spec("4,-1"))  # one bad grid value names the key
+    spec = _spec()
+    spec.space["run.ray_address"] = ("grid", ["x"])
+    with pytest.raises(ConfigError, match="only stage sections"):
+        validate(spec)
+
+
+def test_three_trial_sweep_shares_ingest_and_reports_to_mlflow(ray_cluster, tmp_path):
+    summary = run_sweep(_spec(), str(tmp_path / "sweep"))
+    root = Path(summary["root"])
+    rows = list(csv.DictReader((root / "comparison.csv").open()))
+    assert sorted(int(r["tokenizer.codebook_dim"]) for r in rows) == [4, 8, 16]
+    assert all(0 < float(r["tokenizer.val_usage_per_256"]) <= 1 for r in rows)
+    # Ingest ran once, in base/; every trial links it instead of recomputing it.
+    trial_dirs = [Path(r["trial_dir"]) for r in rows]
+    assert all((d / "shards").is_symlink() and (d / "shards").resolve() == root / "base" / "shards"
+               for d in trial_dirs)
+    assert len(list(root.glob("trials/*"))) == 3
+
+    client = MlflowClient(sweep_tracking_uri(str(root)))
+    sweep = client.get_run(summary["sweep_run_id"])
+    assert sweep.info.status == "FINISHED" and sweep.data.metrics["trials"] == 3
+    children = client.search_runs([sweep.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(run.data.params["tokenizer.codebook_dim"] for run in children) == ["16", "4", "8"]
+    artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
+    assert {"comparison.csv", "comparison.md", "plot_tokenizer_codebook_dim.png"} <= artifacts
+
+    # The same sweep again: Tune restores the finished experiment and no trial trains again.
+    committed = {d: (d / "tokenizer" / "_MANIFEST.json").stat().st_mtime_ns for d in trial_dirs}
+    again = run_sweep(_spec(), str(root))
+    assert len(again["rows"]) == 3
+    assert committed == {d: (d / "tokenizer" / "_MANIFEST.json").stat().st_mtime_ns for d in trial_dirs}
