@@ -7,14 +7,9 @@ import sys
 
 import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
-from pipeline.config import ConfigError, load_config
-from pipeline.data.sources import SourceError
-from pipeline.models.losses import PerceptualWeightsMissing
-from pipeline.stage import StageInputError
-from pipeline.tracking import default_tracking_uri
+from pipeline.config import load_config
 from stages import STAGE_NAMES
-from stages.runner import PipelineError, connect_ray, preflight, run_pipeline
-from stages.report import print_summary
+from stages.runner import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,16 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="append", default=[], choices=STAGE_NAMES,
                         help="rerun this stage even when it is committed and current")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # every config error before any Ray work
-        preflight(cfg, args.from_stage, args.only, args.to_stage)
-        connect_ray(cfg, default_tracking_uri(args.run_dir))
-        outcomes = run_pipeline(cfg, args.run_dir, args.from_stage, args.only, tuple(args.force), args.to_stage)
-    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing, StageInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print_summary(outcomes, args.run_dir)
-    return 0
+    # load_config raises every config error before any Ray work
+    return run_job(lambda: load_config(args.config, args.overrides), args.run_dir, args.from_stage, args.only,
+                   args.to_stage, tuple(args.force))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,9 @@ import sys
 
 import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
-from pipeline.config import ConfigError, build_config, load_config
-from pipeline.data.sources import SourceError
-from pipeline.models.losses import PerceptualWeightsMissing
-from pipeline.stage import StageInputError
-from pipeline.tracking import default_tracking_uri
+from pipeline.config import PipelineConfig, build_config, load_config
 from stages import STAGE_NAMES
-from stages.report import print_summary
-from stages.runner import PipelineError, connect_ray, preflight, run_pipeline, stored_config
+from stages.runner import PipelineError, run_job, stored_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--force", action="store_true", help="rerun even when committed and current")
     args = parser.parse_args(argv)
-    try:
+
+    def make_config() -> PipelineConfig:
         if args.config:
-            cfg = load_config(args.config, args.overrides)
-        else:
-            stored = stored_config(args.run_dir)
-            if stored is None:
-                raise PipelineError(f"{args.run_dir} has no stored config (no pipeline ran there); "
-                                    f"pass --config or run jobs/full_pipeline.py first")
-            cfg = build_config(stored, args.overrides)
-        preflight(cfg, None, args.stage, None)
-        connect_ray(cfg, default_tracking_uri(args.run_dir))
-        outcomes = run_pipeline(cfg, args.run_dir, only=args.stage, force=(args.stage,) if args.force else ())
-    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing, StageInputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print_summary(outcomes, args.run_dir)
-    return 0
+            return load_config(args.config, args.overrides)
+        stored = stored_config(args.run_dir)
+        if stored is None:
+            raise PipelineError(f"{args.run_dir} has no stored config (no pipeline ran there); "
+                                f"pass --config or run jobs/full_pipeline.py first")
+        return build_config(stored, args.overrides)
+
+    return run_job(make_config, args.run_dir, only=args.stage, force=(args.stage,) if args.force else ())
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ class EvaluateConfig(Section):
     actors: int = runtime_only(1, ge=1)
     cpus_per_actor: float = runtime_only(1.0, gt=0)
     gpus_per_actor: float = runtime_only(0.0, ge=0)
+    cpus_per_task: float = runtime_only(0.5, "reads and light transforms beside the actor pool", gt=0)
 
 
 class PipelineConfig(Section):

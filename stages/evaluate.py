@@ -184,9 +184,10 @@ def _domain_classifier(ctx: StageContext, ecfg: EvaluateConfig, image_size: int)
         stored = torch.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, key)), weights_only=True)
         return stored["state"], stored["info"]
     num_classes = int(ingest.details.get("num_classes", 0))
-    train = _collect(shard_dataset(ctx.run_dir, ingest, "train").limit(ecfg.domain_train_images))
+    read_cpus = ecfg.cpus_per_task
+    train = _collect(shard_dataset(ctx.run_dir, ingest, "train", read_cpus=read_cpus).limit(ecfg.domain_train_images))
     val_split = "val" if "val" in ingest.outputs["shards"] else "train"
-    val = _collect(shard_dataset(ctx.run_dir, ingest, val_split).limit(2000))
+    val = _collect(shard_dataset(ctx.run_dir, ingest, val_split, read_cpus=read_cpus).limit(2000))
     from pipeline.data.transforms import center, to_float
 
     def prepare(images: np.ndarray) -> torch.Tensor:
@@ -322,7 +323,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     common = {"run_dir": run_dir.location, "domain": domain_state, "inception_path": inception_path,
               "image_size": image_size, **_actor_args(ecfg)}
     pool = _pool(ecfg)
-    val_ds = shard_dataset(run_dir, ingest, val_split)
+    val_ds = shard_dataset(run_dir, ingest, val_split, read_cpus=ecfg.cpus_per_task)
     real_ds = val_ds.limit(max(ecfg.recon_images, ecfg.reference_images)) if ecfg.reference_images else val_ds
     real = _collect(real_ds.map_batches(ImageFeatures, fn_constructor_kwargs={
         **common, "parts": ["domain"], "recon_parts": ["domain"], "keep_images": False}, **pool))
@@ -340,7 +341,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         reference, recon_inception = _reference_inception(ctx, val_ds, inception_cap, common, pool, val_split)
         metrics["rfid_inception"] = frechet(reference, recon_inception)
         how["fid_inception"] = (f"TF-Inception pool3 (2048-d, {Path(inception_path).name}), 8-bit input, TF1 "
-                                f"bilinear resize to 299, float64 Frechet distance by {ecfg.fid_method}; reference: {reference.count} "
+                                f"bilinear resize to 299, float64 Frechet distance by {ecfg.fid_method}; "
+                                f"reference: {reference.count} "
                                 f"{val_split} images, cached as {folder}/ref_stats_{val_split}.npz")
     how["reconstruction"] = (f"{n_recon} {val_split} images through encode/decode; PSNR on [0,1] pixels, SSIM with "
                              f"an 11x11 Gaussian window (sigma 1.5); rFID_domain vs {len(real['label'])} real images")
@@ -394,16 +396,19 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     depth = len(load_transformer_blocks(run_dir))
     blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(depth))
-    # Both splits through one actor pool (actor start-up dominates at this size); a column says which.
-    parts = []
+    # The plain-view codes are small: read them here, then both splits go through one actor pool (actor
+    # start-up dominates at this size). Reading inside the pooled dataset would wait on the pool's CPUs.
+    rows: dict[str, list] = {"codes": [], "label": [], "split": []}
     for split_id, (split, limit) in enumerate((("train", ecfg.probe_train_images),
                                                (val_split, ecfg.probe_val_images))):
         files = [run_dir.uri("codes", name) for name in codes_manifest.outputs["codes"][split]]
-        plain = ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
-            expr="view == 0").limit(limit)
-        parts.append(plain.drop_columns(["view"]).map_batches(
-            lambda batch, split_id=split_id: {**batch, "split": np.full(len(batch["label"]), split_id)}))
-    block_features = _collect(parts[0].union(parts[1]).map_batches(
+        plain = _collect(ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
+            expr="view == 0").limit(limit))
+        rows["codes"].extend(codes_matrix_from_numpy(plain["codes"]))
+        rows["label"].extend(plain["label"].tolist())
+        rows["split"].extend([split_id] * len(plain["label"]))
+    probe_rows = [{"codes": c, "label": l, "split": s} for c, l, s in zip(rows["codes"], rows["label"], rows["split"])]
+    block_features = _collect(ray.data.from_items(probe_rows).map_batches(
         BlockFeatures, fn_constructor_kwargs={"run_dir": run_dir.location, "blocks": blocks, **_actor_args(ecfg)},
         **pool))
     probe_sets = {split: {k: v[block_features["split"] == split_id] for k, v in block_features.items()}
@@ -417,8 +422,10 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         metrics[f"probe_top1_block_{block}"] = result["top1"]
     best = int(np.argmax(accuracies))
     metrics.update({"probe_top1_best": accuracies[best], "probe_best_block": float(blocks[best])})
-    pixel_train = _collect(shard_dataset(run_dir, ingest, "train").limit(ecfg.probe_train_images))
-    pixel_val = _collect(shard_dataset(run_dir, ingest, val_split).limit(ecfg.probe_val_images))
+    pixel_train = _collect(shard_dataset(run_dir, ingest, "train", read_cpus=ecfg.cpus_per_task).limit(
+        ecfg.probe_train_images))
+    pixel_val = _collect(shard_dataset(run_dir, ingest, val_split, read_cpus=ecfg.cpus_per_task).limit(
+        ecfg.probe_val_images))
     pixels = linear_probe(pixel_train["image"].reshape(len(pixel_train["image"]), -1).astype(np.float64) / 255,
                           pixel_train["label"], pixel_val["image"].reshape(len(pixel_val["image"]), -1) / 255,
                           pixel_val["label"], max(num_classes, 2))

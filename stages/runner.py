@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig
@@ -235,3 +236,25 @@ def connect_ray(cfg: PipelineConfig, tracking_uri: str) -> None:
              log_to_driver=True)
     # Bars redraw in place on a terminal; in job logs they are noise. Stages log their own progress.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+
+
+def run_job(make_config: Callable[[], PipelineConfig], run_dir_location: str, from_stage: str | None = None,
+            only: str | None = None, to_stage: str | None = None, force: tuple[str, ...] = ()) -> int:
+    """What the job scripts share: config, input checks, Ray, the stages, the summary. A user's mistake
+    (config, paths, missing inputs) prints one line and exits 2, before Ray starts where it can."""
+    from pipeline.config import ConfigError
+    from pipeline.data.sources import SourceError
+    from pipeline.models.losses import PerceptualWeightsMissing
+    from pipeline.stage import StageInputError
+    from stages.report import print_summary
+
+    try:
+        cfg = make_config()
+        preflight(cfg, from_stage, only, to_stage)
+        connect_ray(cfg, tracking.default_tracking_uri(run_dir_location))
+        outcomes = run_pipeline(cfg, run_dir_location, from_stage, only, force, to_stage)
+    except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing, StageInputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_summary(outcomes, run_dir_location)
+    return 0

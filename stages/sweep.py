@@ -67,7 +67,8 @@ def validate(spec: SweepSpec) -> list[dict[str, Any]]:
             raise ConfigError(f"swept key '{key}': only stage sections can be swept ({', '.join(STAGE_NAMES)})")
     if STAGE_NAMES.index(spec.first_stage) > STAGE_NAMES.index(spec.last_stage):
         raise PipelineError(f"the swept stage {spec.first_stage} comes after --last-stage {spec.last_stage}")
-    if spec.metric is not None and spec.metric.split(".")[0] not in STAGE_NAMES[:STAGE_NAMES.index(spec.last_stage) + 1]:
+    reached = STAGE_NAMES[:STAGE_NAMES.index(spec.last_stage) + 1]
+    if spec.metric is not None and spec.metric.split(".")[0] not in reached:
         raise ConfigError(f"--metric {spec.metric}: use <stage>.<metric> of a stage up to {spec.last_stage}")
     grid_keys = [k for k, (kind, _) in spec.space.items() if kind == "grid"]
     points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*(spec.space[k][1] for k in grid_keys))]
