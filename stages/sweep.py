@@ -135,12 +135,14 @@ def _search_space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def trial_cpus(cfg: PipelineConfig, first_stage: str, last_stage: str) -> float:
-    """What one trial's busiest stage holds at once (Ray Train workers plus a CPU for its data)."""
+    """What one trial's busiest stage holds at once: Ray Train workers plus the read task feeding them,
+    which takes Ray Data's default of a whole CPU (two trials of 0.5-CPU workers on 2 cores left no
+    room for either read task and both hung)."""
     needs = []
     for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]:
         section = getattr(cfg, name)
         if hasattr(section, "resources"):
-            needs.append(section.resources.num_workers * section.resources.cpus_per_worker + 0.5)
+            needs.append(section.resources.num_workers * section.resources.cpus_per_worker + 1.0)
         elif hasattr(section, "cpus_per_actor"):
             needs.append(section.actors * section.cpus_per_actor + getattr(section, "cpus_per_task", 0.5))
         else:
@@ -175,8 +177,9 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     concurrency = spec.max_concurrent or max(1, int(cluster_cpus // per_trial))
     param_space = {**_search_space(spec), "__spec": spec, "__root": str(root), "__tracking_uri": tracking_uri,
                    "__sweep_run_id": sweep_run.run_id}
-    # The trial's own process only waits on its stages, which request their resources themselves.
-    trainable = tune.with_resources(_trainable, {"cpu": 0})
+    # The trial's own process only waits on its stages, which request their resources themselves
+    # (Tune refuses an empty request, so it holds a token 0.01 CPU).
+    trainable = tune.with_resources(_trainable, {"cpu": 0.01})
     storage = str(root / "tune")
     if tune.Tuner.can_restore(os.path.join(storage, name)):
         tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_errored=True,
