@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
 
-.PHONY: setup demo test bench ray-up ray-down clean tpu-env xla-check
+.PHONY: setup demo sweep-demo test bench ray-up ray-down clean tpu-env xla-check
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ ray-down:
 
 demo: setup ray-up
 	bash scripts/submit.sh python jobs/full_pipeline.py --config $(CONFIG) --run-dir $(RUN_DIR)
+
+# A quick sweep: three lookup dims of the demo tokenizer, 200 steps each without the discriminator (~7 min).
+sweep-demo: setup ray-up
+	bash scripts/submit.sh python jobs/sweep.py --config $(CONFIG) --sweep-dir $(CURDIR)/runs/sweep-demo \
+		--grid tokenizer.codebook_dim=4,16,64 --last-stage tokenizer --metric tokenizer.val_usage_per_256 \
+		--set tokenizer.steps=200 --set tokenizer.adversarial_weight=0 --set tokenizer.warmup_steps=20 \
+		--set tokenizer.checkpoint_every=100 --set tokenizer.image_every=100
 
 test: setup
 	$(PY) -m pytest -q tests

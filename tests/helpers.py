@@ -31,3 +31,47 @@ def wait_for_checkpoint(stage_folder: Path, timeout: float = 300) -> None:
         if time.time() > deadline:
             raise TimeoutError(f"no checkpoint appeared under {stage_folder}")
         time.sleep(0.05)
+
+
+def check_evaluation(run_dir: Path, per_class: int = 4, side: int = 16, tokens: int = 16) -> None:
+    """The evaluate stage's outputs on a tiny Fashion-MNIST run (pico: 2 blocks; 10 classes): every figure
+    finite and explained, class-balanced samples, the grids, and the same figures in MLflow."""
+    import io
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from pipeline.storage import Manifest, RunDir
+    from pipeline.tracking import default_tracking_uri
+
+    report = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    metrics, how = report["metrics"], report["how"]
+    for key in ("recon_psnr", "recon_ssim", "recon_usage_per_256", "rfid_domain", "fid_domain", "is_domain",
+                "probe_top1_best", "probe_top1_pixels", "acceptance_rate", "domain_classifier_val_top1"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["acceptance_rate"] == 0.5 and metrics["samples"] == 10 * per_class
+    assert 1 <= metrics["is_domain"] <= 10 and metrics["fid_domain"] >= 0
+    assert all(f"probe_top1_block_{b}" in metrics for b in (0, 1))  # pico has 2 blocks
+    assert metrics["probe_top1_pixels"] > 0.3  # Fashion-MNIST pixels are linearly quite separable
+    # Inception FID from the offline TF-Inception file, named as such, with its recipe; IS says why not.
+    assert metrics["fid_inception"] >= 0 and metrics["rfid_inception"] >= 0
+    assert "TF-Inception pool3" in how["fid_inception"] and how["is_inception"].startswith("unavailable")
+    assert "is_inception" not in metrics
+    assert (run_dir / "eval" / "ref_stats_val.npz").exists()
+
+    samples = np.load(run_dir / "eval" / "samples.npz")
+    assert samples["images"].shape == (10 * per_class, side, side, 3)
+    assert samples["codes"].shape == (10 * per_class, tokens)
+    assert np.bincount(samples["labels"]).tolist() == [per_class] * 10
+    grid = Image.open(io.BytesIO((run_dir / "eval" / "samples_grid.png").read_bytes()))
+    assert grid.size[1] == (10 * (side + 2) + 2) * 4  # one row per class; 2 px padding, scaled x4
+    for name in ("reconstructions.png", "probe_accuracy_per_block.png"):
+        assert (run_dir / "eval" / name).stat().st_size > 0
+
+    manifest = Manifest.read(RunDir(str(run_dir)), "eval")
+    client = MlflowClient(default_tracking_uri(str(run_dir)))
+    artifacts = {a.path for a in client.list_artifacts(manifest.mlflow_run_id)}
+    assert {"metrics.json", "samples_grid.png", "probe_accuracy_per_block.png"} <= artifacts
+    logged = client.get_run(manifest.mlflow_run_id).data.metrics
+    assert logged["fid_domain"] == metrics["fid_domain"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from helpers import PRETOKENIZE_TINY as TINY
