@@ -463,7 +463,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
 
 def _pixel_vectors(*image_sets: np.ndarray) -> tuple[list[np.ndarray], str]:
     """Flattened [0, 1] pixels for the baseline probe. Grey data stored as RGB (Fashion-MNIST) keeps one
-    channel: the copies add no information but triple the probe's cost (83 s vs 28 s on 2 cores)."""
+    channel: the copies add no information but triple the probe's cost (83 s vs 27 s on 2 cores)."""
     grey = all(np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2])
                for images in image_sets if images.ndim == 4 and images.shape[-1] == 3)
     kept = [images[..., :1] if grey and images.ndim == 4 else images for images in image_sets]
