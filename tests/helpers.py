@@ -1,9 +1,17 @@
-"""Small helpers shared by the Ray Train stage tests."""
+"""Small helpers shared by the stage tests: tiny configs, checkpoint waits, the evaluation check."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.storage import Manifest, RunDir
+from pipeline.tracking import default_tracking_uri
 
 PRETOKENIZE_TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=64", "ingest.resolution=16",
                     "ingest.cpus_per_task=0.5", "tokenizer.image_size=16", "tokenizer.codebook_size=64",
@@ -36,14 +44,6 @@ def wait_for_checkpoint(stage_folder: Path, timeout: float = 300) -> None:
 def check_evaluation(run_dir: Path, per_class: int = 4, side: int = 16, tokens: int = 16) -> None:
     """The evaluate stage's outputs on a tiny Fashion-MNIST run (pico: 2 blocks; 10 classes): every figure
     finite and explained, class-balanced samples, the grids, and the same figures in MLflow."""
-    import io
-
-    import numpy as np
-    from mlflow.tracking import MlflowClient
-    from PIL import Image
-
-    from pipeline.storage import Manifest, RunDir
-    from pipeline.tracking import default_tracking_uri
 
     report = json.loads((run_dir / "eval" / "metrics.json").read_text())
     metrics, how = report["metrics"], report["how"]

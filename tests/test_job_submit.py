@@ -114,7 +114,9 @@ def _submit_and_stop_when(head: dict, run_dir: Path, job_id: str, reached, what:
         time.sleep(0.05)
     stopped = _ray_job(head, "stop", job_id)
     assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    deadline = time.time() + 120
     while _job_status(head, job_id) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline, f"job {job_id} did not stop"
         time.sleep(0.5)
 
 
@@ -170,8 +172,9 @@ def test_a_pipeline_stopped_in_three_stages_finishes_like_an_uninterrupted_one(r
     # Codes: every (key, view) of the shards exactly once.
     codes = Manifest.read(RunDir(str(run_dir)), "codes")
     for split in ("train", "val"):
-        rows = [(k, v) for name in codes.outputs["codes"][split]
-                for k, v in zip(*pq.read_table(run_dir / "codes" / name, columns=["key", "view"]).to_pydict().values())]
+        tables = [pq.read_table(run_dir / "codes" / name, columns=["key", "view"])
+                  for name in codes.outputs["codes"][split]]
+        rows = [row for t in tables for row in zip(t["key"].to_pylist(), t["view"].to_pylist())]
         assert len(rows) == len(set(rows)) and {k for k, _ in rows} == set(_shard_keys(run_dir, split))
         assert len(rows) == 2 * 1000  # plain and hflip
 
