@@ -5,7 +5,8 @@
         --last-stage tokenizer --metric tokenizer.val_usage_per_256 --mode max
 
 Search: --grid (every value), --choice (random pick), --uniform / --loguniform LOW,HIGH; random keys draw
---num-samples times per grid point. Stages before the first swept one run once and are shared. Re-running
+--num-samples times per grid point. --scheduler asha stops trials early on a metric the training stages
+log as they go (tokenizer.val_psnr, transformer.val_bits_per_token, transformer.val_loss_nats), by step. Stages before the first swept one run once and are shared. Re-running
 the same command resumes a killed sweep. Writes comparison.csv/.md and one plot per swept key.
 """
 import argparse
@@ -17,7 +18,7 @@ import yaml
 from pipeline.config import ConfigError, build_config
 from stages import STAGE_NAMES
 from stages.runner import PipelineError, connect_ray
-from stages.sweep import SEARCH_KINDS, SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
+from stages.sweep import SCHEDULERS, SEARCH_KINDS, SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="max", choices=("max", "min"))
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--max-concurrent", type=int, help="default: cluster CPUs / one trial's busiest stage")
+    parser.add_argument("--scheduler", default="fifo", choices=SCHEDULERS, help="asha: early stopping on --metric")
+    parser.add_argument("--grace-period", type=int, help="ASHA: training steps before a first cut (default: 1/4)")
+    parser.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this at each rung")
     args = parser.parse_args(argv)
     try:
         space = dict(parse_search(kind, text) for kind in SEARCH_KINDS for text in getattr(args, kind))
@@ -40,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         base = (yaml.safe_load(open(args.config).read()) or {}) if args.config else {}
         spec = SweepSpec(base=base, space=space, last_stage=args.last_stage, metric=args.metric, mode=args.mode,
                          num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                         extra_overrides=args.overrides)
+                         extra_overrides=args.overrides, scheduler=args.scheduler, grace_period=args.grace_period,
+                         reduction_factor=args.reduction_factor)
         points = validate(spec)  # every trial's config, before Ray starts
         print(f"sweep: {len(points)} grid point(s) x {args.num_samples} sample(s), stages "
               f"{spec.first_stage} -> {spec.last_stage}")

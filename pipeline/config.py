@@ -262,6 +262,7 @@ class EvaluateConfig(Section):
         None, description="torch-fidelity Inception weights (.pth) with logits, for IS; else IS is unavailable")
     domain_train_images: int = Field(10000, ge=10, description="train images for the domain classifier")
     domain_epochs: int = Field(2, ge=1)
+    domain_width: int = Field(32, ge=4, description="channels of the domain CNN's first stage (then x2, x4)")
     probe_blocks: list[int] | None = Field(None, description="transformer blocks to probe; null: all")
     probe_train_images: int = Field(10000, ge=10)
     probe_val_images: int = Field(2000, ge=10)

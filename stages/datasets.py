@@ -7,8 +7,9 @@ from pipeline.storage import Manifest, RunDir
 
 
 def shard_dataset(run_dir: RunDir, ingest: Manifest, split: str, files: list[str] | None = None,
-                  read_cpus: float | None = None) -> ray.data.Dataset:
-    """A split's WebDataset shards (or the given subset) as rows {image: HWC uint8, label: int, key: str}.
+                  read_cpus: float | None = None, with_source: bool = False) -> ray.data.Dataset:
+    """A split's WebDataset shards (or the given subset, of any split) as rows {image: HWC uint8, label: int,
+    key: str}, plus `shard` (the file each row came from) with `with_source`.
     `read_cpus`: CPUs per read task (Ray's default is 1, too many beside an actor pool on 2 cores)."""
     files = files if files is not None else ingest.outputs["shards"].get(split)
     if not files:
@@ -17,5 +18,7 @@ def shard_dataset(run_dir: RunDir, ingest: Manifest, split: str, files: list[str
     dataset = ray.data.read_webdataset([run_dir.uri("shards", name) for name in files],
                                        suffixes=[image_format, "cls"], num_cpus=read_cpus,
                                        override_num_blocks=len(files))  # a block per shard, not 20
-    return dataset.select_columns(["__key__", image_format, "cls"], num_cpus=read_cpus).rename_columns(
-        {"__key__": "key", image_format: "image", "cls": "label"}, num_cpus=read_cpus)
+    columns = {"__key__": "key", image_format: "image", "cls": "label"}
+    if with_source:
+        columns["__url__"] = "shard"
+    return dataset.select_columns(list(columns), num_cpus=read_cpus).rename_columns(columns, num_cpus=read_cpus)

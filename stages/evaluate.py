@@ -179,7 +179,8 @@ def _domain_classifier(ctx: StageContext, ecfg: EvaluateConfig, image_size: int)
     from stages.datasets import shard_dataset
 
     ingest = ctx.inputs["ingest"]
-    key = f"domain-{ingest.fingerprint}-{ecfg.domain_train_images}-{ecfg.domain_epochs}-{image_size}.pt"
+    key = (f"domain-{ingest.fingerprint}-{ecfg.domain_train_images}-{ecfg.domain_epochs}-{ecfg.domain_width}-"
+           f"{image_size}.pt")
     if ctx.run_dir.exists(CACHE, key):
         stored = torch.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, key)), weights_only=True)
         return stored["state"], stored["info"]
@@ -195,7 +196,7 @@ def _domain_classifier(ctx: StageContext, ecfg: EvaluateConfig, image_size: int)
 
     started = time.perf_counter()
     model = train_domain_classifier(prepare(train["image"]), torch.as_tensor(train["label"]), num_classes,
-                                    epochs=ecfg.domain_epochs, seed=ecfg.seed)
+                                    epochs=ecfg.domain_epochs, seed=ecfg.seed, width=ecfg.domain_width)
     with torch.no_grad():
         accuracy = float((model(prepare(val["image"])).argmax(1).numpy() == val["label"]).mean())
     state = {"num_classes": num_classes, "width": model.width, "feature_dim": model.feature_dim,
@@ -389,8 +390,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     else:
         how["is_inception"] = ("unavailable: the offline FID network has no logits; set evaluate.inception_is_weights "
                                "to torch-fidelity's weights-inception-2015-12-05 file")
-    how["domain"] = (f"CNN trained on {domain_info['train_images']} train images for {domain_info['epochs']} "
-                     f"epochs (val top-1 {domain_info['val_top1']:.3f}); 128-d penultimate features; IS over 10 splits")
+    how["domain"] = (f"CNN (width {domain_state['width']}) trained on {domain_info['train_images']} train images for "
+                     f"{domain_info['epochs']} epochs (val top-1 {domain_info['val_top1']:.3f}); "
+                     f"{domain_state['feature_dim']}-d penultimate features; IS over 10 splits")
 
     # 4. Linear probe on frozen transformer blocks vs raw pixels, same images.
     started = time.perf_counter()

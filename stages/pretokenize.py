@@ -1,19 +1,24 @@
 """Pretokenize: every image of the ingest shards, in every configured view, to its code grid, as Parquet.
 
-Ray Data streams each split: read the shards, cut the views in CPU tasks, encode on a pool of tokenizer
-actors (one per accelerator on a GPU cluster, a few on CPU), write Parquet. A split is done in pieces of
-whole shards. Each piece is written to a staging folder, checked (rows = images x views, keys unique,
-codes in range), then moved into place and recorded; a killed run redoes only the pieces without a
-record, and the manifest lists only recorded files, so no reader ever sees half a piece.
+One Ray Data stream covers every piece still to do, of both splits: read the shards, cut the views in CPU
+tasks, encode on a pool of tokenizer actors (one per accelerator on a GPU cluster, a few on CPU) that
+starts once for the whole stage. The stream keeps shard order, so the driver, writing the (small) code
+rows to Parquet as they arrive, knows a piece is whole when the next one begins. A piece is a run of whole
+shards: written to a staging folder, checked (rows = images x views, keys unique, codes in range), then
+moved into place and recorded. A killed run redoes only the pieces without a record, and the manifest
+lists only recorded files, so no reader ever sees half a piece.
 """
 from __future__ import annotations
 
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -38,18 +43,28 @@ class PretokenizeError(StageInputError):
 # The two Ray Data steps
 
 
-def cut_views(batch: dict[str, np.ndarray], views: list[str], size: int, crop_scale: float) -> dict:
-    """CPU task: one row per (image, view), each view at the tokenizer's input size."""
+def shard_name(url: str) -> str:
+    """`.../shards/train/shard-000003.tar` (any filesystem) -> `train/shard-000003.tar`, as manifests list it."""
+    return "/".join(url.replace("\\", "/").rsplit("/", 2)[-2:])
+
+
+def cut_views(batch: dict[str, np.ndarray], views: list[str], size: int, crop_scale: float,
+              piece_of_shard: dict[str, int]) -> dict:
+    """CPU task: one row per (image, view), each view at the tokenizer's input size, tagged with its piece."""
     images = np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"]
     if images.ndim == 3:  # grayscale decoded without a channel axis
         images = np.repeat(images[..., None], 3, axis=-1)
-    out = {"key": [], "label": [], "view": [], "image": []}
+    pieces = np.array([piece_of_shard[shard_name(url)] for url in batch["shard"]], np.int32)
+    out = {"key": [], "label": [], "view": [], "piece": [], "image": []}
     for view in views:
         out["image"].append(cut_view(images, view, size, crop_scale))
         out["key"].append(batch["key"])
         out["label"].append(np.asarray(batch["label"], np.int32))
         out["view"].append(np.full(len(images), VIEW_IDS[view], np.int8))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+        out["piece"].append(pieces)
+    # A batch can span two pieces: keep each piece's rows together so they leave in shard order.
+    order = np.argsort(np.concatenate(out["piece"]), kind="stable")
+    return {name: np.concatenate(parts)[order] for name, parts in out.items()}
 
 
 def fetch_tokenizer(location: str) -> str:
@@ -64,7 +79,8 @@ def fetch_tokenizer(location: str) -> str:
 
 
 class EncodeBatches:
-    """Actor: loads the exported tokenizer once, then turns image batches into rows of the codes contract."""
+    """Actor: loads the exported tokenizer once, then turns image batches into rows of the codes contract
+    (plus the `piece` column the driver sorts them by)."""
 
     def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
@@ -78,7 +94,8 @@ class EncodeBatches:
         images = to_float(torch.from_numpy(np.ascontiguousarray(batch["image"]))).to(self.device)
         with torch.inference_mode():
             codes = self.model.encode(images).cpu().numpy()
-        return codes_table(batch["key"], batch["label"], batch["view"], codes, self.meta)
+        table = codes_table(batch["key"], batch["label"], batch["view"], codes, self.meta)
+        return table.append_column("piece", pa.array(batch["piece"], pa.int32()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,20 +130,36 @@ def check_inputs(cfg: PipelineConfig, ctx: StageContext) -> tuple[dict, str]:
 # Pieces: resumable units of whole shards
 
 
+@dataclass
+class Piece:
+    """Whole shards of one split, committed together as `codes/<split>/part-<number>-<index>.parquet`."""
+    split: str
+    number: int
+    files: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.number:05d}"
+
+
 def plan_pieces(files: list[str], shard_size: int, piece_images: int) -> list[list[str]]:
     per_piece = max(1, piece_images // max(shard_size, 1))
     return [files[i:i + per_piece] for i in range(0, len(files), per_piece)]
 
 
-def _encode_piece(ctx: StageContext, pcfg: PretokenizeConfig, split: str, files: list[str], staging: str,
-                  meta: CodesMeta, image_size: int) -> None:
+def _stream_codes(ctx: StageContext, pcfg: PretokenizeConfig, pieces: list[Piece], meta: CodesMeta,
+                  image_size: int) -> Iterator[pa.Table]:
+    """Code rows (with a `piece` column indexing `pieces`) in shard order, from one stream and actor pool."""
     from stages.datasets import shard_dataset
 
-    dataset = shard_dataset(ctx.run_dir, ctx.inputs["ingest"], split, files, read_cpus=pcfg.cpus_per_task)
+    files = [name for piece in pieces for name in piece.files]
+    piece_of_shard = {name: index for index, piece in enumerate(pieces) for name in piece.files}
+    dataset = shard_dataset(ctx.run_dir, ctx.inputs["ingest"], pieces[0].split, files,
+                            read_cpus=pcfg.cpus_per_task, with_source=True)
     # Views in big batches (few tasks, little scheduling), encoding in the configured batch size.
     dataset = dataset.map_batches(cut_views, batch_size=pcfg.batch_size * 8, num_cpus=pcfg.cpus_per_task,
                                   fn_kwargs={"views": list(pcfg.views), "size": image_size,
-                                             "crop_scale": pcfg.crop_scale})
+                                             "crop_scale": pcfg.crop_scale, "piece_of_shard": piece_of_shard})
     meta_dict = {**meta.__dict__, "grid": list(meta.grid), "views": list(meta.views)}
     dataset = dataset.map_batches(
         EncodeBatches, batch_size=pcfg.batch_size, num_cpus=pcfg.cpus_per_actor, num_gpus=pcfg.gpus_per_actor,
@@ -134,9 +167,37 @@ def _encode_piece(ctx: StageContext, pcfg: PretokenizeConfig, split: str, files:
         fn_constructor_kwargs={"tokenizer_location": ctx.run_dir.uri("tokenizer"), "meta": meta_dict,
                                "threads": max(1, round(pcfg.cpus_per_actor)),
                                "use_gpu": pcfg.gpus_per_actor > 0})
-    compression = None if pcfg.compression == "none" else pcfg.compression
-    dataset.write_parquet(ctx.run_dir.uri(staging), max_rows_per_file=pcfg.rows_per_file,
-                          schema=meta.schema(), compression=compression)
+    dataset.context.execution_options.preserve_order = True  # a piece is whole once the next one begins
+    yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+class PieceWriter:
+    """One piece's Parquet files in its staging folder, a new file every `rows_per_file` rows."""
+
+    def __init__(self, run_dir: RunDir, staging: str, schema: pa.Schema, rows_per_file: int, compression):
+        self.run_dir, self.staging, self.schema = run_dir, staging, schema
+        self.rows_per_file, self.compression = rows_per_file, compression
+        self.files, self.writer, self.rows_in_file = 0, None, 0
+        run_dir.makedirs(staging)
+
+    def write(self, table: pa.Table) -> None:
+        table = pa.Table.from_arrays(table.select(self.schema.names).columns, schema=self.schema)
+        while table.num_rows:
+            if self.writer is None or self.rows_in_file == self.rows_per_file:
+                self.close()
+                path = self.run_dir.path(self.staging, f"{self.files:05d}.parquet")
+                self.writer = pq.ParquetWriter(path, self.schema, filesystem=self.run_dir.fs,
+                                               compression=self.compression or "none")
+                self.files, self.rows_in_file = self.files + 1, 0
+            take = min(table.num_rows, self.rows_per_file - self.rows_in_file)
+            self.writer.write_table(table.slice(0, take))
+            self.rows_in_file += take
+            table = table.slice(take)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _check_piece(run_dir: RunDir, staging: str, meta: CodesMeta, views: int) -> dict:
@@ -167,6 +228,73 @@ def _check_piece(run_dir: RunDir, staging: str, meta: CodesMeta, views: int) -> 
 # The stage
 
 
+def _commit_piece(run_dir: RunDir, folder: str, piece: Piece, staging: str, meta: CodesMeta, views: int,
+                  seconds: float) -> dict:
+    """Checked staged files moved into place, then the record that makes them count."""
+    checked = _check_piece(run_dir, staging, meta, views)
+    names = []
+    run_dir.makedirs(folder, piece.split)
+    for index, name in enumerate(sorted(checked["files"])):
+        final = f"part-{piece.number:05d}-{index:04d}.parquet"
+        run_dir.fs.move(run_dir.path(staging, name), run_dir.path(folder, piece.split, final))
+        names.append(final)
+    run_dir.delete(staging)
+    done = {"files": names, "rows": checked["rows"], "images": checked["images"],
+            "histogram": checked["histogram"].tolist(), "seconds": seconds}
+    run_dir.write_json(done, folder, PROGRESS, f"{piece.name}.json")
+    return done
+
+
+def _encode_pending(cfg: PipelineConfig, ctx: StageContext, pending: list[Piece], metas: dict[str, CodesMeta],
+                    image_size: int, images_to_do: int) -> tuple[int, float]:
+    """Encodes and commits the pieces without a record, in order. Returns (images, seconds)."""
+    pcfg, run_dir, folder, log = cfg.pretokenize, ctx.run_dir, ctx.folder, ctx.log
+    for piece in pending:  # parts of a move the kill interrupted
+        for stale in run_dir.list(folder, piece.split):
+            if stale.startswith(f"part-{piece.number:05d}-"):
+                run_dir.delete(folder, piece.split, stale)
+    compression = None if pcfg.compression == "none" else pcfg.compression
+    progress = Progress(log, images_to_do, "images")
+    any_meta = CodesMeta(**{**metas[pending[0].split].__dict__, "split": ""})
+    started = last = time.perf_counter()
+    current, writer, images = -1, None, 0
+
+    def finish(index: int) -> None:
+        nonlocal last, images
+        writer.close()
+        piece, now = pending[index], time.perf_counter()
+        done = _commit_piece(run_dir, folder, piece, f"{folder}/{STAGING}/{piece.name}", metas[piece.split],
+                             len(pcfg.views), now - last)
+        images += done["images"]
+        log.info("%s piece %d: %d images -> %d rows in %.1fs", piece.split, piece.number + 1, done["images"],
+                 done["rows"], now - last)
+        progress.update(done["images"], f"{piece.split} piece {piece.number + 1}")
+        last = now
+
+    for table in _stream_codes(ctx, pcfg, pending, any_meta, image_size):
+        piece_column = table.column("piece").to_numpy()
+        starts = [0, *(np.flatnonzero(np.diff(piece_column)) + 1).tolist()]
+        for begin, end in zip(starts, starts[1:] + [table.num_rows]):
+            index = int(piece_column[begin])
+            if index != current:
+                if index < current:  # only if Ray Data broke its order promise; never write a piece twice
+                    raise PretokenizeError(f"rows of {pending[index].name} arrived after that piece was committed")
+                if writer is not None:
+                    finish(current)
+                if index > current + 1:
+                    raise PretokenizeError(f"{pending[current + 1].name} gave no rows: are its shards empty?")
+                current = index
+                piece = pending[index]
+                staging = f"{folder}/{STAGING}/{piece.name}"
+                writer = PieceWriter(run_dir, staging, metas[piece.split].schema(), pcfg.rows_per_file, compression)
+            writer.write(table.slice(begin, end - begin))
+    if writer is not None:
+        finish(current)
+    if current != len(pending) - 1:
+        raise PretokenizeError(f"{pending[current + 1].name} gave no rows: are its shards empty?")
+    return images, time.perf_counter() - started
+
+
 def check_resources(pcfg: PretokenizeConfig) -> None:
     """The actor pool plus one read/view task must fit the cluster, or the stream waits forever."""
     available = ray.cluster_resources()
@@ -194,48 +322,33 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         run_dir.write_json(marker, folder, PROGRESS, "marker.json")
     run_dir.delete(folder, STAGING)
 
+    metas = {split: CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"],
+                               tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split)
+             for split in ingest.outputs["shards"]}
+    pieces = {split: [Piece(split, number, files) for number, files in
+                      enumerate(plan_pieces(shard_files, shard_size, pcfg.piece_images))]
+              for split, shard_files in ingest.outputs["shards"].items()}
+    recorded = {piece.name: run_dir.read_json(folder, PROGRESS, f"{piece.name}.json")
+                for split_pieces in pieces.values() for piece in split_pieces
+                if run_dir.exists(folder, PROGRESS, f"{piece.name}.json")}
+    pending = [piece for split_pieces in pieces.values() for piece in split_pieces if piece.name not in recorded]
+    if recorded:
+        log.info("pretokenize: %d of %d pieces already written, kept", len(recorded), len(recorded) + len(pending))
+    images_now, encode_seconds = 0, 0.0
+    if pending:
+        images_to_do = sum(ingest.counts[s]["images"] for s in pieces) - sum(r["images"] for r in recorded.values())
+        images_now, encode_seconds = _encode_pending(cfg, ctx, pending, metas, settings["image_size"], images_to_do)
+
     outputs: dict[str, list[str]] = {}
     counts: dict[str, dict] = {}
     metrics: dict[str, float] = {}
-    images_now, encode_seconds = 0, 0.0
-    for split, shard_files in ingest.outputs["shards"].items():
-        meta = CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"],
-                         tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split)
-        pieces = plan_pieces(shard_files, shard_size, pcfg.piece_images)
-        expected = ingest.counts[split]["images"]
-        progress = Progress(log, expected, "images")
+    for split, split_pieces in pieces.items():
+        meta, expected = metas[split], ingest.counts[split]["images"]
         usage = CodebookUsage(meta.codebook_size)
         split_files: list[str] = []
         rows = images = 0
-        for number, files in enumerate(pieces):
-            record = (folder, PROGRESS, f"{split}-{number:05d}.json")
-            if run_dir.exists(*record):
-                done = run_dir.read_json(*record)
-                log.info("%s piece %d/%d: already written, kept", split, number + 1, len(pieces))
-            else:
-                for stale in run_dir.list(folder, split):  # a move the kill interrupted
-                    if stale.startswith(f"part-{number:05d}-"):
-                        run_dir.delete(folder, split, stale)
-                staging = f"{folder}/{STAGING}/{split}-{number:05d}"
-                started = time.perf_counter()
-                _encode_piece(ctx, pcfg, split, files, staging, meta, settings["image_size"])
-                seconds = time.perf_counter() - started
-                checked = _check_piece(run_dir, staging, meta, len(pcfg.views))
-                names = []
-                run_dir.makedirs(folder, split)
-                for index, name in enumerate(sorted(checked["files"])):
-                    final = f"part-{number:05d}-{index:04d}.parquet"
-                    run_dir.fs.move(run_dir.path(staging, name), run_dir.path(folder, split, final))
-                    names.append(final)
-                run_dir.delete(staging)
-                done = {"files": names, "rows": checked["rows"], "images": checked["images"],
-                        "histogram": checked["histogram"].tolist(), "seconds": seconds}
-                run_dir.write_json(done, *record)
-                images_now += checked["images"]
-                encode_seconds += seconds
-                log.info("%s piece %d/%d: %d images -> %d rows in %.1fs (%.1f images/s)", split, number + 1,
-                         len(pieces), checked["images"], checked["rows"], seconds, checked["images"] / seconds)
-            progress.update(done["images"], f"{split} piece {number + 1}/{len(pieces)}")
+        for piece in split_pieces:
+            done = run_dir.read_json(folder, PROGRESS, f"{piece.name}.json")
             split_files += [f"{split}/{name}" for name in done["files"]]
             rows += done["rows"]
             images += done["images"]

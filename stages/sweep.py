@@ -8,7 +8,8 @@ Layout under the sweep directory (local):
     mlflow.db             one MLflow experiment: the sweep run, each trial's pipeline run under it
 
 Trial names come from their swept values, so a restored or re-submitted sweep finds each trial's committed
-stages and skips them.
+stages and skips them. With `scheduler="asha"` a trial reports its training stage's validation metric
+as it goes (`stages/trial_progress.py`) and ASHA stops the trials that fall behind at each rung.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
 from stages import STAGE_NAMES, STAGES
 from stages.runner import PipelineError, run_pipeline
+from stages.trial_progress import StageMetricWatcher, interim_metric, run_while_watching
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+SCHEDULERS = ("fifo", "asha")
 
 
 @dataclass
@@ -41,10 +44,18 @@ class SweepSpec:
     num_samples: int = 1
     max_concurrent: int | None = None
     extra_overrides: list[str] = field(default_factory=list)
+    scheduler: str = "fifo"                           # "asha": early stopping on `metric` by training step
+    grace_period: int | None = None                   # ASHA: steps before a first cut (default: a quarter)
+    reduction_factor: float = 2.0                     # ASHA: keep the best 1/rf of trials at each rung
+    poll_seconds: float = 5.0                         # ASHA: how often a trial reads its metric from MLflow
 
     @property
     def first_stage(self) -> str:
         return min((key.split(".")[0] for key in self.space), key=STAGE_NAMES.index)
+
+    @property
+    def first_stage_index(self) -> int:
+        return STAGE_NAMES.index(self.first_stage)
 
 
 def parse_search(kind: str, text: str) -> tuple[str, tuple[str, list[Any]]]:
@@ -52,10 +63,21 @@ def parse_search(kind: str, text: str) -> tuple[str, tuple[str, list[Any]]]:
     if "=" not in text:
         raise ConfigError(f"--{kind} {text!r}: expected SECTION.KEY=V1,V2,...")
     key, values = text.split("=", 1)
-    parsed = [yaml.safe_load(v) for v in values.split(",")]
+    parsed = [_scalar(v) for v in values.split(",")]
     if kind in ("uniform", "loguniform") and (len(parsed) != 2 or not all(isinstance(v, (int, float)) for v in parsed)):
         raise ConfigError(f"--{kind} {key}: needs two numbers LOW,HIGH")
     return key.strip(), (kind, parsed)
+
+
+def _scalar(text: str) -> Any:
+    """YAML's reading of one value, except that `1e-9` is the number YAML 1.1 would leave as a string."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def validate(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -77,7 +99,25 @@ def validate(spec: SweepSpec) -> list[dict[str, Any]]:
     for point in points:
         for ends in random_ends:
             trial_config({**point, **ends}, spec)
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler {spec.scheduler}: one of {', '.join(SCHEDULERS)}")
+    if spec.scheduler == "asha":
+        stage, _ = interim_metric(spec.metric)
+        if not spec.first_stage_index <= STAGE_NAMES.index(stage) <= STAGE_NAMES.index(spec.last_stage):
+            raise ConfigError(f"--metric {spec.metric}: ASHA needs a stage the trials run "
+                              f"({spec.first_stage} to {spec.last_stage})")
+        max_t = asha_max_steps(spec, points)
+        if spec.grace_period is not None and not 0 < spec.grace_period <= max_t:
+            raise ConfigError(f"--grace-period {spec.grace_period}: between 1 and the {stage} steps ({max_t})")
+        if spec.reduction_factor <= 1:
+            raise ConfigError(f"--reduction-factor {spec.reduction_factor}: must be above 1")
     return points
+
+
+def asha_max_steps(spec: SweepSpec, points: list[dict[str, Any]]) -> int:
+    """The most steps any trial's ASHA stage trains for: ASHA's max_t."""
+    stage, _ = interim_metric(spec.metric)
+    return max(getattr(trial_config(point, spec), stage).steps for point in points or [{}])
 
 
 def trial_config(values: dict[str, Any], spec: SweepSpec) -> PipelineConfig:
@@ -122,8 +162,20 @@ def _trainable(config: dict[str, Any]) -> None:
     trial_dir = root / "trials" / trial_name(values)
     link_shared_stages(root / "base", trial_dir, spec.first_stage)
     cfg = trial_config(values, spec)
-    outcomes = run_pipeline(cfg, str(trial_dir), to_stage=spec.last_stage, sweep_run_id=config["__sweep_run_id"])
-    tune.report({**_stage_metrics(outcomes), "trial_dir": str(trial_dir)})
+
+    def pipeline():
+        return run_pipeline(cfg, str(trial_dir), to_stage=spec.last_stage, sweep_run_id=config["__sweep_run_id"])
+
+    if spec.scheduler != "asha":
+        tune.report({**_stage_metrics(pipeline()), "trial_dir": str(trial_dir), "completed": True})
+        return
+    stage, logged_name = interim_metric(spec.metric)
+    outcomes = run_while_watching(
+        pipeline, StageMetricWatcher(trial_dir, stage, logged_name), spec.poll_seconds,
+        lambda step, value: tune.report({spec.metric: value, "step": step, "trial_dir": str(trial_dir)}))
+    figures = _stage_metrics(outcomes)
+    tune.report({**figures, "step": int(figures.get(f"{stage}.steps", 0)), "trial_dir": str(trial_dir),
+                 "completed": True})
 
 
 def _search_space(spec: SweepSpec) -> dict[str, Any]:
@@ -180,17 +232,26 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     # The trial's own process only waits on its stages, which request their resources themselves
     # (Tune refuses an empty request, so it holds a token 0.01 CPU).
     trainable = tune.with_resources(_trainable, {"cpu": 0.01})
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        max_t = asha_max_steps(spec, validate(spec))
+        # stop_last_trials=False: a trial that reaches max_t still runs its later stages.
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=spec.grace_period or max(1, max_t // 4),
+                                  reduction_factor=spec.reduction_factor, stop_last_trials=False)
     storage = str(root / "tune")
     if tune.Tuner.can_restore(os.path.join(storage, name)):
         tuner = tune.Tuner.restore(os.path.join(storage, name), trainable, resume_errored=True,
                                    param_space=param_space)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
-            num_samples=spec.num_samples, max_concurrent_trials=concurrency,
+            num_samples=spec.num_samples, max_concurrent_trials=concurrency, scheduler=scheduler,
             metric=spec.metric, mode=spec.mode if spec.metric else None),
             run_config=tune.RunConfig(name=name, storage_path=storage))
     results = tuner.fit()
     rows = _comparison_rows(results, spec)
+    _close_stopped_trial_runs(rows, tracking_uri)
     status = "FINISHED" if not results.errors else "FAILED"
     _write_comparison(root, rows, spec, sweep_run)
     sweep_run.log_metrics({"trials": float(len(rows)), "errored_trials": float(len(results.errors))})
@@ -222,10 +283,27 @@ def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
             continue
         row = {key: result.config[key] for key in spec.space}
         row.update({k: v for k, v in result.metrics.items() if "." in k and k.split(".")[0] in STAGE_NAMES})
+        row["status"] = "completed" if result.metrics.get("completed") else f"stopped at step {result.metrics.get('step')}"
         row["trial_dir"] = result.metrics.get("trial_dir")
         rows.append(row)
     keys = list(spec.space)
     return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+
+
+def _close_stopped_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
+    """ASHA ends a trial's process mid-stage: its pipeline run and running stage run are marked KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for row in rows:
+        pointer = Path(row["trial_dir"] or "") / tracking.PIPELINE_RUN_FILE
+        if row["status"] == "completed" or not pointer.is_file():
+            continue
+        parent = json.loads(pointer.read_text())
+        running = client.search_runs([parent["experiment_id"]], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent['run_id']}' and attributes.status = 'RUNNING'"))
+        for run_id in [run.info.run_id for run in running] + [parent["run_id"]]:
+            client.set_terminated(run_id, status="KILLED")
 
 
 def _figure_columns(rows: list[dict[str, Any]], spec: SweepSpec) -> list[str]:
@@ -244,14 +322,15 @@ def _write_comparison(root: Path, rows: list[dict[str, Any]], spec: SweepSpec, s
     writer = csv.DictWriter(buffer, fieldnames=all_columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    markdown = ["| " + " | ".join(keys + figures) + " |", "|" + "---|" * (len(keys) + len(figures))]
+    markdown = ["| " + " | ".join(keys + figures + ["status"]) + " |", "|" + "---|" * (len(keys) + len(figures) + 1)]
     for row in rows:
         cells = [str(row[k]) for k in keys] + [f"{row[c]:.4g}" if c in row else "" for c in figures]
-        markdown.append("| " + " | ".join(cells) + " |")
+        markdown.append("| " + " | ".join(cells + [row["status"]]) + " |")
     outputs = {"comparison.csv": buffer.getvalue().encode(), "comparison.md": ("\n".join(markdown) + "\n").encode()}
+    completed = [row for row in rows if row["status"] == "completed"]  # a stopped trial's figure is mid-training
     for key in keys:
-        if figures and rows:
-            outputs[f"plot_{key.replace('.', '_')}.png"] = _plot(rows, key, figures)
+        if figures and completed:
+            outputs[f"plot_{key.replace('.', '_')}.png"] = _plot(completed, key, figures)
     for file_name, data in outputs.items():
         (root / file_name).write_bytes(data)
         sweep_run.log_artifact_bytes(data, file_name)

@@ -1,5 +1,6 @@
 """A 3-trial Ray Tune sweep over the lookup dimension on a real local Ray: ingest runs once and is shared,
-each trial is a child MLflow run of the sweep run, and the comparison table and plot reach MLflow."""
+each trial is a child MLflow run of the sweep run, and the comparison table and plot reach MLflow. ASHA
+stops a trial that falls behind while it trains."""
 import csv
 from pathlib import Path
 
@@ -23,12 +24,21 @@ def _spec(values: str = "4,8,16") -> SweepSpec:
                      last_stage="tokenizer", metric="tokenizer.val_usage_per_256", mode="max", extra_overrides=TINY)
 
 
+def test_swept_values_read_as_numbers():
+    assert parse_search("grid", "tokenizer.lr=1e-9,0.003,3") == ("tokenizer.lr", ("grid", [1e-9, 0.003, 3]))
+    assert parse_search("grid", "tokenizer.l2_normalize=true,false")[1][1] == [True, False]
+
+
 def test_bad_sweeps_are_refused_before_any_work():
     with pytest.raises(ConfigError, match="codebook_dim"):
         validate(_spec("4,-1"))  # one bad grid value names the key
     spec = _spec()
     spec.space["run.ray_address"] = ("grid", ["x"])
     with pytest.raises(ConfigError, match="only stage sections"):
+        validate(spec)
+    spec = _spec()
+    spec.scheduler = "asha"  # final-only metric: nothing to stop on while trials train
+    with pytest.raises(ConfigError, match="tokenizer.val_psnr"):
         validate(spec)
 
 
@@ -58,3 +68,27 @@ def test_three_trial_sweep_shares_ingest_and_reports_to_mlflow(ray_cluster, tmp_
     again = run_sweep(_spec(), str(root))
     assert len(again["rows"]) == 3
     assert committed == {d: (d / "tokenizer" / "_MANIFEST.json").stat().st_mtime_ns for d in trial_dirs}
+
+
+def test_asha_stops_the_trial_that_falls_behind(ray_cluster, tmp_path):
+    # On 2 CPUs trials run one at a time in grid order: the learning trial sets the rung at step 4, the
+    # frozen one (lr 1e-9) reaches it below the cut and is stopped before it commits its tokenizer.
+    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    spec = SweepSpec(base=base, space=dict([parse_search("grid", "tokenizer.lr=0.003,1e-9")]),
+                     last_stage="tokenizer", metric="tokenizer.val_psnr", mode="max", scheduler="asha",
+                     grace_period=4, poll_seconds=0.5,
+                     extra_overrides=TINY + ["tokenizer.steps=12", "tokenizer.image_every=2", "tokenizer.warmup_steps=0"])
+    summary = run_sweep(spec, str(tmp_path / "asha"))
+    assert summary["concurrency"] == 1
+    rows = {row["tokenizer.lr"]: row for row in summary["rows"]}
+    assert rows[0.003]["status"] == "completed" and rows[0.003]["tokenizer.val_psnr"] > 0
+    stopped = rows[1e-9]
+    assert stopped["status"].startswith("stopped at step ")
+    assert 4 <= int(stopped["status"].rsplit(" ", 1)[1]) < 12
+    assert not (Path(stopped["trial_dir"]) / "tokenizer" / "_MANIFEST.json").exists()
+    assert "stopped at step" in (Path(summary["root"]) / "comparison.md").read_text()
+
+    client = MlflowClient(sweep_tracking_uri(summary["root"]))
+    children = client.search_runs([client.get_run(summary["sweep_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{summary['sweep_run_id']}'")
+    assert sorted(run.info.status for run in children) == ["FINISHED", "KILLED"]

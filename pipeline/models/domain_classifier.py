@@ -31,13 +31,13 @@ class DomainClassifier(nn.Module):
 
 
 def train_domain_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 3,
-                            batch_size: int = 128, seed: int = 0) -> DomainClassifier:
+                            batch_size: int = 128, seed: int = 0, width: int = 32) -> DomainClassifier:
     """Fit on uint8 (N, H, W, 3) or float (N, 3, H, W) images with light flip augmentation."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if images.dtype == torch.uint8:
         images = images.permute(0, 3, 1, 2).float() / 255
-    model = DomainClassifier(num_classes)
+    model = DomainClassifier(num_classes, width)
     model(images[:2])  # materialise the lazy layer
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * max(1, len(images) // batch_size)
