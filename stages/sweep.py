@@ -28,7 +28,7 @@ from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
 from stages import STAGE_NAMES, STAGES
 from stages.runner import PipelineError, run_pipeline
-from stages.trial_progress import StageMetricWatcher, interim_metric, run_while_watching
+from stages.trial_progress import StageMetricWatcher, interim_metric, release_stopped_trial, run_while_watching
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("fifo", "asha")
@@ -212,7 +212,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
 
     root = Path(sweep_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    validate(spec)
+    points = validate(spec)
     tracking_uri = sweep_tracking_uri(sweep_dir)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     spec.base = {**spec.base, "run": {**spec.base.get("run", {}), "experiment": f"sweep:{root}"}}
@@ -236,7 +236,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        max_t = asha_max_steps(spec, validate(spec))
+        max_t = asha_max_steps(spec, points)
         # stop_last_trials=False: a trial that reaches max_t still runs its later stages.
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=spec.grace_period or max(1, max_t // 4),
                                   reduction_factor=spec.reduction_factor, stop_last_trials=False)
@@ -248,10 +248,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, max_concurrent_trials=concurrency, scheduler=scheduler,
             metric=spec.metric, mode=spec.mode if spec.metric else None),
-            run_config=tune.RunConfig(name=name, storage_path=storage))
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_stopped_trial_callback()]))
     results = tuner.fit()
     rows = _comparison_rows(results, spec)
-    _close_stopped_trial_runs(rows, tracking_uri)
+    for row in rows:  # again, in case a stop raced the callback; releasing twice is harmless
+        if row["status"] != "completed" and row["trial_dir"]:
+            release_stopped_trial(Path(row["trial_dir"]))
     status = "FINISHED" if not results.errors else "FAILED"
     _write_comparison(root, rows, spec, sweep_run)
     sweep_run.log_metrics({"trials": float(len(rows)), "errored_trials": float(len(results.errors))})
@@ -259,6 +261,24 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     if results.errors:
         raise PipelineError(f"{len(results.errors)} trial(s) failed: {results.errors[0]}")
     return {"rows": rows, "concurrency": concurrency, "sweep_run_id": sweep_run.run_id, "root": str(root)}
+
+
+def _release_if_stopped(trial) -> None:
+    result = trial.last_result or {}
+    if result.get("trial_dir") and not result.get("completed"):
+        release_stopped_trial(Path(result["trial_dir"]))
+
+
+def _stopped_trial_callback():
+    from ray import tune
+
+    class ReleaseStoppedTrials(tune.Callback):
+        """As soon as ASHA ends a trial: free its training placement group, so the next trial can start."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _release_if_stopped(trial)
+
+    return ReleaseStoppedTrials()
 
 
 def _sweep_run(root: Path, tracking_uri: str, spec: SweepSpec) -> tracking.Tracker:
@@ -288,22 +308,6 @@ def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
         rows.append(row)
     keys = list(spec.space)
     return sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
-
-
-def _close_stopped_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
-    """ASHA ends a trial's process mid-stage: its pipeline run and running stage run are marked KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    for row in rows:
-        pointer = Path(row["trial_dir"] or "") / tracking.PIPELINE_RUN_FILE
-        if row["status"] == "completed" or not pointer.is_file():
-            continue
-        parent = json.loads(pointer.read_text())
-        running = client.search_runs([parent["experiment_id"]], filter_string=(
-            f"tags.mlflow.parentRunId = '{parent['run_id']}' and attributes.status = 'RUNNING'"))
-        for run_id in [run.info.run_id for run in running] + [parent["run_id"]]:
-            client.set_terminated(run_id, status="KILLED")
 
 
 def _figure_columns(rows: list[dict[str, Any]], spec: SweepSpec) -> list[str]:

@@ -100,7 +100,7 @@ def tokenizer_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from stages.training import report, restore_state
+    from stages.training import report, restore_state, tag_placement_group
 
     cfg = TokenizerConfig.model_validate(loop_config["tokenizer"])
     context = ray.train.get_context()
@@ -138,6 +138,8 @@ def tokenizer_loop(loop_config: dict) -> None:
         print(f"[tokenizer rank {rank}] resumed at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if tracker is not None:
+        tag_placement_group(tracker)
     if tracker is not None and state is not None:
         tracker.log_metrics({"resumed_from_step": step}, step=step)
     val_probe = next(iter(_val_batches(cfg, backend))) if rank == 0 else None  # fixed: comparable over time

@@ -11,6 +11,7 @@ import tempfile
 import threading
 from typing import Any, Callable
 
+import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -20,6 +21,7 @@ from pipeline.stage import StageContext
 from pipeline.train.state import load_state, save_state
 
 CHECKPOINTS = "checkpoints"
+PLACEMENT_GROUP_TAG = "vim.placement_group"
 
 
 def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: dict[str, Any],
@@ -60,6 +62,15 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
             gc.collect()
+
+
+def tag_placement_group(tracker) -> None:
+    """Rank 0 names its worker group's placement group on the stage run. A sweep that stops the trial
+    removes it (`stages/trial_progress.py`): Ray Train's own cleaner asks the dashboard's state API whether
+    the controller lives, and a cluster without a dashboard would keep the CPUs reserved until the job ends."""
+    group = ray.util.get_current_placement_group() if ray.is_initialized() else None
+    if group is not None:
+        tracker.set_tags({PLACEMENT_GROUP_TAG: group.id.hex()})
 
 
 def restore_state() -> dict[str, Any] | None:

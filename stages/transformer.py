@@ -109,7 +109,7 @@ def _wrap_model(model: torch.nn.Module, cfg: TransformerConfig, backend):
 def transformer_loop(loop_config: dict) -> None:
     import ray.train
 
-    from stages.training import report, restore_state
+    from stages.training import report, restore_state, tag_placement_group
 
     cfg = TransformerConfig.model_validate(loop_config["transformer"])
     settings = TransformerSettings(**{**loop_config["settings"], "grid": tuple(loop_config["settings"]["grid"])})
@@ -132,6 +132,8 @@ def transformer_loop(loop_config: dict) -> None:
         print(f"[transformer rank {rank}] resumed at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if tracker is not None:
+        tag_placement_group(tracker)
     peak, peak_source = backend.peak_flops()
     flops_per_token = core.flops_per_token()
     if tracker is not None:

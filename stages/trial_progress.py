@@ -3,7 +3,8 @@
 The training stages log their validation figures to MLflow every few steps from their rank-0 worker. A
 trial runs its pipeline in a thread and, meanwhile, reads the running stage's metric history from the
 store and hands each new point to Tune. Tune stops a trial by ending its process, which takes the
-pipeline thread and the Ray Train run it owns along with it.
+pipeline thread along; `release_stopped_trial` then frees what the process cannot take with it (its Ray
+Train placement group) and closes its MLflow runs.
 """
 from __future__ import annotations
 
@@ -79,3 +80,32 @@ def run_while_watching(work: Callable[[], object], watcher: StageMetricWatcher, 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def release_stopped_trial(trial_dir: Path) -> None:
+    """After Tune ended a trial mid-stage: remove the placement group its training stage reserved (named by
+    the `vim.placement_group` tag rank 0 sets) and mark its unfinished stage runs and pipeline run KILLED."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    from stages.training import PLACEMENT_GROUP_TAG
+
+    pointer = trial_dir / tracking.PIPELINE_RUN_FILE
+    if not pointer.is_file():
+        return
+    parent = json.loads(pointer.read_text())
+    client = MlflowClient(parent["tracking_uri"])
+    stages = client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    for run in stages:
+        group_id = run.data.tags.get(PLACEMENT_GROUP_TAG)
+        if group_id and ray.is_initialized():
+            group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
+        # The runner may have marked it FAILED first (the trainer raised as its controller died): the
+        # cause is the stop.
+        if run.info.status != "FINISHED":
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent["run_id"], status="KILLED")

@@ -92,3 +92,11 @@ def test_asha_stops_the_trial_that_falls_behind(ray_cluster, tmp_path):
     children = client.search_runs([client.get_run(summary["sweep_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary['sweep_run_id']}'")
     assert sorted(run.info.status for run in children) == ["FINISHED", "KILLED"]
+    # The stopped trial's Ray Train placement group (named on its stage run) is gone: without a dashboard
+    # Ray Train's own cleaner cannot see the trial die, and the CPUs would stay reserved for later work.
+    from ray.util.placement_group import placement_group_table
+
+    killed = next(run for run in children if run.info.status == "KILLED")
+    stage_run = client.search_runs([killed.info.experiment_id], f"tags.mlflow.parentRunId = '{killed.info.run_id}'")[0]
+    assert stage_run.info.status == "KILLED" and stage_run.data.tags["vim.placement_group"]
+    assert [g for g in placement_group_table().values() if g["state"] != "REMOVED"] == []
