@@ -208,7 +208,9 @@ def transformer_loop(loop_config: dict) -> None:
                 report({"step": step}, checkpoint_state())
         if step >= cfg.steps:
             break
-        if batch_in_epoch == used_before:
+        # A resumed epoch may have nothing left for this rank (each epoch draws its own views, so a rank's
+        # share varies); only a fresh epoch without a full step is an error.
+        if batch_in_epoch == used_before == 0:
             raise ValueError(f"an epoch gave no full step: the train split needs at least transformer.batch_size"
                              f" x grad_accum x workers = {cfg.batch_size * cfg.grad_accum * world} images")
         epoch, batch_in_epoch = epoch + 1, 0

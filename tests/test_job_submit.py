@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 # Many small shards and pieces and a checkpoint every 10 steps, so each stop lands inside its stage.
 TINY = PRETOKENIZE_TINY + [
     "ingest.max_images_per_split=1000", "ingest.shard_size=20", "tokenizer.steps=60",
-    "tokenizer.checkpoint_every=10", "pretokenize.piece_images=250",
+    "tokenizer.checkpoint_every=10", "pretokenize.piece_images=20",  # a piece per shard: the stop lands mid-stage
     "transformer.size=pico", "transformer.steps=20", "transformer.batch_size=32", "transformer.lr=3e-3",
     "transformer.warmup_steps=2", "transformer.label_dropout=0.1", "transformer.val_images=64",
     "transformer.resources.num_workers=1",
