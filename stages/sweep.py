@@ -18,6 +18,8 @@ import io
 import itertools
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +253,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_stopped_trial_callback()]))
     results = tuner.fit()
     rows = _comparison_rows(results, spec)
-    for row in rows:  # again, in case a stop raced the callback; releasing twice is harmless
+    for row in rows:  # also after a restore (no callback then); releasing twice is harmless
         if row["status"] != "completed" and row["trial_dir"]:
             release_stopped_trial(Path(row["trial_dir"]))
     status = "FINISHED" if not results.errors else "FAILED"
@@ -263,20 +265,34 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     return {"rows": rows, "concurrency": concurrency, "sweep_run_id": sweep_run.run_id, "root": str(root)}
 
 
-def _release_if_stopped(trial) -> None:
-    result = trial.last_result or {}
-    if result.get("trial_dir") and not result.get("completed"):
-        release_stopped_trial(Path(result["trial_dir"]))
+def _release_after_exit(actor, trial_dir: Path, deadline_s: float = 120.0) -> None:
+    """Waits for the stopped trial's process to end (Tune calls its callbacks before it ends it), so that
+    no worker of the trial re-reserves what is released, then releases its placement group and runs."""
+    import ray
+
+    end = time.time() + deadline_s
+    while actor is not None and time.time() < end:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=2)
+        except ray.exceptions.RayActorError:
+            break
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(1)
+    release_stopped_trial(trial_dir)
 
 
 def _stopped_trial_callback():
     from ray import tune
 
     class ReleaseStoppedTrials(tune.Callback):
-        """As soon as ASHA ends a trial: free its training placement group, so the next trial can start."""
+        """Once ASHA has ended a trial: free its training placement group, so the next trial can start."""
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            _release_if_stopped(trial)
+            result = trial.last_result or {}
+            if result.get("trial_dir") and not result.get("completed"):
+                threading.Thread(target=_release_after_exit, daemon=True, name="release-stopped-trial",
+                                 args=(trial.temporary_state.ray_actor, Path(result["trial_dir"]))).start()
 
     return ReleaseStoppedTrials()
 
