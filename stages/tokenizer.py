@@ -223,7 +223,9 @@ def tokenizer_loop(loop_config: dict) -> None:
                 break
             waited = time.perf_counter()
         else:
-            if batch_in_epoch == used_before:
+            # A checkpoint on an epoch's last batch resumes into an empty rest of that epoch: move on. Only a
+            # fresh epoch without a full batch is an error.
+            if batch_in_epoch == used_before == 0:
                 raise ValueError(f"an epoch gave no full batch: the train split needs at least "
                                  f"tokenizer.batch_size x workers = {cfg.batch_size * world} images")
             epoch, batch_in_epoch = epoch + 1, 0
@@ -243,8 +245,10 @@ def tokenizer_loop(loop_config: dict) -> None:
 def _log_reconstructions(model, val_probe: torch.Tensor, backend, tracker: Tracker, step: int) -> None:
     """PSNR on a fixed val batch, and a grid of its first 8 images over their reconstructions."""
     model.eval()
-    reconstruction = model(val_probe.to(backend.device))[0].clamp(0, 1).float().cpu()
+    with torch.no_grad():
+        reconstruction = model(val_probe.to(backend.device))[0].clamp(0, 1).float().cpu()
     model.train()
+    val_probe = val_probe.float().cpu()  # the val batch may already sit on the accelerator
     tracker.log_metrics({"val_psnr_probe": float(psnr(reconstruction, val_probe).mean())}, step=step)
     preview, reconstruction = val_probe[:8], reconstruction[:8]
     rows = torch.cat([preview, reconstruction]).permute(0, 2, 3, 1).mul(255).round().byte().numpy()
