@@ -127,3 +127,29 @@ def test_mismatched_inputs_are_named(coded_run, ray_cluster, tmp_path):
     stale = subprocess.run(_job(run_dir, ray_cluster, "--only", "pretokenize"), env=env, capture_output=True,
                            text=True, timeout=300)
     assert stale.returncode == 2 and "trained on shards of another ingest run" in stale.stderr
+
+
+def test_view_rows_keep_piece_order_and_import_no_torch():
+    """The view step's rows: one per (image, view), grouped by piece; its module must not pull torch into the
+    Ray Data workers (seconds of CPU each on a small machine) unless a view needs resizing."""
+    from pipeline.data.views import VIEW_IDS, view_rows
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),  # grayscale, as Fashion-MNIST decodes
+             "key": np.array(["a", "b", "c", "d"]), "label": np.arange(4),
+             "shard": np.array(["s3://bucket/run/shards/train/shard-000001.tar"] * 2
+                               + ["/local/run/shards/train/shard-000000.tar"] * 2)}
+    rows = view_rows(batch, ["plain", "hflip"], 8, 1.125,
+                     {"train/shard-000000.tar": 0, "train/shard-000001.tar": 1})
+    assert rows["piece"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert rows["key"].tolist() == ["c", "d", "c", "d", "a", "b", "a", "b"]
+    assert rows["view"].tolist() == [VIEW_IDS[v] for v in ["plain"] * 2 + ["hflip"] * 2] * 2
+    assert rows["image"].shape == (8, 8, 8, 3)
+    np.testing.assert_array_equal(rows["image"][0][..., 0], batch["image"][2])
+    np.testing.assert_array_equal(rows["image"][2][..., 0], batch["image"][2][:, ::-1])
+
+    probe = ("import sys, numpy as np; from pipeline.data.views import cut_view; "
+             "cut_view(np.zeros((2, 8, 8, 3), np.uint8), 'crop_br_hflip', 7); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
