@@ -248,7 +248,7 @@ def _log_reconstructions(model, val_probe: torch.Tensor, backend, tracker: Track
     with torch.no_grad():
         reconstruction = model(val_probe.to(backend.device))[0].clamp(0, 1).float().cpu()
     model.train()
-    val_probe = val_probe.float().cpu()  # the val batch may already sit on the accelerator
+    val_probe = val_probe.cpu()  # the val batch may already sit on the accelerator
     tracker.log_metrics({"val_psnr_probe": float(psnr(reconstruction, val_probe).mean())}, step=step)
     preview, reconstruction = val_probe[:8], reconstruction[:8]
     rows = torch.cat([preview, reconstruction]).permute(0, 2, 3, 1).mul(255).round().byte().numpy()

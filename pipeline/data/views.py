@@ -48,7 +48,7 @@ def cut_view(images: np.ndarray, view: str, size: int, crop_scale: float = 1.125
     return np.ascontiguousarray(out)
 
 
-def shard_name(url: str) -> str:
+def shard_of_url(url: str) -> str:
     """`.../shards/train/shard-000003.tar` (any filesystem) -> `train/shard-000003.tar`, as manifests list it."""
     return "/".join(url.replace("\\", "/").rsplit("/", 2)[-2:])
 
@@ -60,7 +60,7 @@ def view_rows(batch: dict[str, np.ndarray], views: list[str], size: int, crop_sc
     images = np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"]
     if images.ndim == 3:  # grayscale decoded without a channel axis
         images = np.repeat(images[..., None], 3, axis=-1)
-    pieces = np.array([group_of_shard[shard_name(url)] for url in batch["shard"]], np.int32)
+    pieces = np.array([group_of_shard[shard_of_url(url)] for url in batch["shard"]], np.int32)
     out = {"key": [], "label": [], "view": [], "piece": [], "image": []}
     for view in views:
         out["image"].append(cut_view(images, view, size, crop_scale))
