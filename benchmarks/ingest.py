@@ -22,7 +22,7 @@ from pipeline.config import build_config
 from pipeline.data.shards import shard_name, write_shard
 from pipeline.data.sources import build_index
 from stages.ingest import plan_shards
-from stages.runner import run_pipeline
+from orchestration.runner import run_pipeline
 
 
 def generated_jpegs(root: Path, count: int) -> Path:

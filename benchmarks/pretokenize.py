@@ -31,14 +31,15 @@ from pipeline.data.transforms import to_float
 from pipeline.data.views import VIEW_IDS, cut_view
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
-from stages.runner import run_pipeline
+from orchestration.runner import run_pipeline
+from stages import spec
 
 
 def bare_loop(run_dir: Path, views: list[str], batch_size: int, threads: int, device: str) -> dict:
     """One process: read the shards, cut views, encode, write Parquet. No Ray."""
     torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # as the stage's actor: exact fp32 code lookups
-    tokenizer = load_tokenizer(run_dir / "tokenizer", device)
+    tokenizer = load_tokenizer(run_dir / spec("tokenizer").folder, device)
     grid = tokenizer.settings.grid
     out = Path(tempfile.mkdtemp(prefix="bare-codes-"))
     started = time.perf_counter()
@@ -68,7 +69,7 @@ def bare_loop(run_dir: Path, views: list[str], batch_size: int, threads: int, de
             part += 1
             batch.clear()
 
-        for url in list_shards(str(run_dir / "shards" / split)):
+        for url in list_shards(str(run_dir / spec("ingest").folder / split)):
             for sample in iter_samples(url):
                 batch.append(sample)
                 images += 1
@@ -113,7 +114,7 @@ def main() -> None:
         base += ["tokenizer.resources.use_gpu=true", "pretokenize.gpus_per_actor=1"]
     run_dir = work / "run"
     run_pipeline(load_config(ROOT / "configs" / "demo.yaml", base), str(run_dir), to_stage="tokenizer")
-    shards = Manifest.read(RunDir(str(run_dir)), "shards")
+    shards = Manifest.read(RunDir(str(run_dir)), spec("ingest").folder)
     results: dict = {"images": {s: c["images"] for s, c in shards.counts.items()}, "views": views,
                      "tokenizer_encoder": args.size, "resolution": args.resolution, "patch": args.patch,
                      "batch_size": args.batch_size, "device": "cuda" if args.gpu else "cpu"}

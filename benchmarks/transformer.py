@@ -20,7 +20,8 @@ from common import ROOT, write_report
 import torch
 
 from pipeline import device as devices
-from pipeline.models.transformer import VIM_SIZES, TransformerSettings, VIMTransformer
+from pipeline.models.settings import VIM_SIZES, TransformerSettings
+from pipeline.models.transformer import VIMTransformer
 from pipeline.train.lm_step import accumulated_step, parameter_groups
 
 
@@ -56,7 +57,7 @@ def through_the_stage(images: int, size: str, steps: int, batch: int) -> dict:
 
     from pipeline.config import load_config
     from pipeline.tracking import default_tracking_uri
-    from stages.runner import run_pipeline
+    from orchestration.runner import run_pipeline
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -9,7 +9,7 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
 from pipeline.config import load_config
 from stages import STAGE_NAMES
-from stages.runner import run_job
+from orchestration.runner import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
 from pipeline.config import PipelineConfig, build_config, load_config
 from stages import STAGE_NAMES
-from stages.runner import PipelineError, run_job, stored_config
+from orchestration.runner import PipelineError, run_job, stored_config
 
 
 def main(argv: list[str] | None = None) -> int:

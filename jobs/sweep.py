@@ -17,8 +17,8 @@ import yaml
 
 from pipeline.config import ConfigError, build_config
 from stages import STAGE_NAMES
-from stages.runner import PipelineError, connect_ray
-from stages.sweep import SCHEDULERS, SEARCH_KINDS, SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
+from orchestration.runner import PipelineError, connect_ray
+from orchestration.sweep import SCHEDULERS, SEARCH_KINDS, SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.models.settings import TokenizerSettings, TransformerArchitecture, TransformerSettings
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
@@ -114,24 +116,8 @@ class TrainerResources(Section):
     max_failures: int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
 
 
-VIT_SIZE_NAMES = Literal["tiny", "mini", "S", "B", "L"]
-
-
-class TokenizerConfig(Section):
-    # model (paper defaults where the paper gives one; small sizes for CPU)
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
-    encoder: VIT_SIZE_NAMES = "tiny"
-    decoder: VIT_SIZE_NAMES = "tiny"
-    codebook_size: int = Field(512, ge=2, le=32767, description="<= 32767 so codes fit int16")
-    codebook_dim: int | None = Field(32, ge=1, description="lookup dimension; null = no factorisation")
-    l2_normalize: bool = True
-    beta: float = Field(0.25, ge=0)
-    ema: bool = False
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    dead_code_threshold: float = Field(0.0, ge=0, description="restart codes used less than this per step")
-    codebook_init: Literal["normal", "data"] = "normal"
-    output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
+class TokenizerConfig(Section, TokenizerSettings):
+    # model: the fields of TokenizerSettings (pipeline/models/settings.py), inherited
     # losses (paper: L2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1)
     l2_weight: float = Field(1.0, ge=0)
     logit_laplace_weight: float = Field(0.1, ge=0)
@@ -160,6 +146,10 @@ class TokenizerConfig(Section):
     image_every: int = runtime_only(500, "steps between reconstruction grids", ge=1)
     val_images: int = Field(1024, ge=1, description="val images for the final metrics")
     resources: TrainerResources = TrainerResources()
+
+    def model_settings(self) -> TokenizerSettings:
+        """The model's settings, taken from this section by field name."""
+        return TokenizerSettings.model_validate(self.model_dump(include=set(TokenizerSettings.model_fields)))
 
     @model_validator(mode="after")
     def _consistent(self) -> "TokenizerConfig":
@@ -201,15 +191,9 @@ class PretokenizeConfig(Section):
         return value
 
 
-VIM_SIZE_NAMES = Literal["pico", "nano", "micro", "small", "B", "L"]
-
-
-class TransformerConfig(Section):
-    # model (paper: VIM-Base/Large, dropout 0.1, class-token prefix)
-    size: VIM_SIZE_NAMES = "nano"
+class TransformerConfig(Section, TransformerArchitecture):
+    # model: size, dropout and label_dropout of TransformerArchitecture (pipeline/models/settings.py), inherited
     conditional: bool = Field(True, description="class-token prefix; false: one start token")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    label_dropout: float = Field(0.0, ge=0, lt=1, description="null-class rate for classifier-free guidance")
     # optimisation (paper: beta 0.9/0.96, 4.5e-4 after 5k warm-up, held, exp decay to 1e-5 from 80k of 450k)
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1, description="images per micro-batch per worker")
@@ -230,6 +214,14 @@ class TransformerConfig(Section):
     log_every: int = runtime_only(20, ge=1)
     eval_every: int = runtime_only(500, "steps between val losses", ge=1)
     resources: TrainerResources = TrainerResources()
+
+    def model_settings(self, vocab_size: int, grid: tuple[int, int] | list[int],
+                       num_classes: int) -> TransformerSettings:
+        """The model's settings: this section's architecture fields plus what the data decides. `num_classes`
+        is the data's class count; an unconditional model (conditional=false) gets 0."""
+        return TransformerSettings.model_validate({
+            **self.model_dump(include=set(TransformerArchitecture.model_fields)),
+            "vocab_size": vocab_size, "grid": tuple(grid), "num_classes": num_classes if self.conditional else 0})
 
     @model_validator(mode="after")
     def _consistent(self) -> "TransformerConfig":

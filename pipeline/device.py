@@ -1,7 +1,9 @@
-"""cpu / cuda / xla behind one object, so training code never branches on the device.
+"""cpu / cuda / xla behind one object that holds most of what differs between them.
 
 It answers: which device, which autocast dtype (bf16 on CUDA and TPU, none on CPU, where bf16 matmul is
-~300x slower here), which process-group backend, and the few calls that differ under torch_xla.
+far slower than fp32), whether to use fused AdamW, where a collective's tensor lives, whether a model is
+wrapped for data parallelism, the peak FLOP/s for model FLOPs utilisation, and the few calls that differ
+under torch_xla (optimizer step, mark_step), so the training loops need not branch on the device.
 """
 from __future__ import annotations
 
@@ -27,8 +29,14 @@ class Backend:
     device: torch.device
 
     @property
-    def dist_backend(self) -> str:
-        return {"cpu": "gloo", "cuda": "nccl", "xla": "xla"}[self.kind]
+    def collective_device(self) -> torch.device:
+        """Where a small tensor for a gloo/nccl collective lives (nccl needs the GPU, gloo the CPU)."""
+        return self.device if self.kind == "cuda" else torch.device("cpu")
+
+    @property
+    def wraps_for_data_parallel(self) -> bool:
+        """DDP/FSDP wrap the model on CPU and CUDA; under torch_xla the optimizer step all-reduces instead."""
+        return self.kind != "xla"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -97,3 +105,9 @@ def detect(preference: str = "auto") -> Backend:
         torch.cuda.set_device(index)
         return Backend("cuda", torch.device("cuda", index))
     return Backend("cpu", torch.device("cpu"))
+
+
+def inference_device(threads: int, use_gpu: bool) -> torch.device:
+    """For a batch-inference actor: sets its torch CPU threads; CUDA only when asked for and visible."""
+    torch.set_num_threads(threads)
+    return detect("cuda" if use_gpu and torch.cuda.is_available() else "cpu").device

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as multipliers of the peak rate (for torch's LambdaLR)."""
+"""Learning-rate schedules as multipliers of the peak rate: the training loops multiply the peak by them
+and set each optimizer group's lr every step."""
 from __future__ import annotations
 
 import math

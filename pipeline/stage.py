@@ -39,10 +39,23 @@ class StageContext:
     fingerprint: str
     inputs: dict[str, Manifest]
     tracker: Tracker | None = None
+    folders: dict[str, str] = field(default_factory=dict)  # every stage's folder, from the stage table
 
     @property
     def folder(self) -> str:
         return self.spec.folder
+
+    def folder_of(self, stage: str) -> str:
+        """The run-directory folder of a stage, by stage name (`ingest` -> `shards`)."""
+        if stage == self.spec.name:
+            return self.spec.folder
+        if stage not in self.folders:
+            raise KeyError(f"stage '{stage}' is not in the stage table ({', '.join(self.folders)})")
+        return self.folders[stage]
+
+    def uri_of(self, stage: str, *parts: str) -> str:
+        """A location workers can open for a name inside a stage's folder (the folder itself without parts)."""
+        return self.run_dir.uri(self.folder_of(stage), *parts)
 
     @property
     def log(self) -> logging.Logger:

@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,18 +21,33 @@ from pipeline.config import stable_hash
 MANIFEST = "_MANIFEST.json"
 
 
-def _is_uri(text: str) -> bool:
-    return "://" in text
+def is_uri(location: str) -> bool:
+    """True for a `pyarrow.fs` URI (gs://, s3://, file://), false for a plain local path."""
+    return "://" in location
+
+
+def local_folder(location: str) -> str:
+    """A local folder with the files directly inside `location`: the folder itself on a local disk, a fresh
+    temporary copy when it lies on a bucket (model folders: a config and a weights file)."""
+    folder = RunDir(location)
+    if folder.is_local:
+        return folder.root
+    local = tempfile.mkdtemp(prefix="vim-folder-")
+    for name in folder.list():
+        if folder.fs.get_file_info(folder.path(name)).type == pafs.FileType.File:
+            with open(os.path.join(local, name), "wb") as out:
+                out.write(folder.read_bytes(name))
+    return local
 
 
 class RunDir:
     """A run directory on a local disk or a bucket. Paths inside it are '/'-joined relative names."""
 
     def __init__(self, location: str):
-        if not _is_uri(location):
+        if not is_uri(location):
             location = os.path.abspath(os.path.expanduser(location))
         self.location = location.rstrip("/")
-        self.fs, self.root = pafs.FileSystem.from_uri(self.location if _is_uri(self.location)
+        self.fs, self.root = pafs.FileSystem.from_uri(self.location if is_uri(self.location)
                                                       else "file://" + self.location)
         self.fs.create_dir(self.root, recursive=True)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.storage import is_uri
+
 PIPELINE_RUN_FILE = "_mlflow_parent.json"
 
 
@@ -19,7 +21,7 @@ def default_tracking_uri(run_dir_location: str) -> str:
     """MLFLOW_TRACKING_URI wins; otherwise a SQLite file beside a local run directory."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if "://" in run_dir_location:
+    if is_uri(run_dir_location):
         home_db = Path.home() / ".vim-pipeline" / "mlflow.db"
         home_db.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{home_db}"

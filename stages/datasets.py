@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.storage import Manifest, RunDir
+from pipeline.stage import StageContext
 
 
-def shard_dataset(run_dir: RunDir, ingest: Manifest, split: str, files: list[str] | None = None,
+def shard_dataset(ctx: StageContext, split: str, files: list[str] | None = None,
                   read_cpus: float | None = None, with_source: bool = False) -> ray.data.Dataset:
-    """A split's WebDataset shards (or the given subset, of any split) as rows {image: HWC uint8, label: int,
-    key: str}, plus `shard` (the file each row came from) with `with_source`.
+    """A split's WebDataset shards from the ingest stage's outputs (or the given subset, of any split) as rows
+    {image: HWC uint8, label: int, key: str}, plus `shard` (the file each row came from) with `with_source`.
     `read_cpus`: CPUs per read task (Ray's default is 1, too many beside an actor pool on 2 cores)."""
+    ingest = ctx.inputs["ingest"]
     files = files if files is not None else ingest.outputs["shards"].get(split)
     if not files:
         raise ValueError(f"the ingest stage wrote no '{split}' shards")
     image_format = ingest.outputs["image_format"]
-    dataset = ray.data.read_webdataset([run_dir.uri("shards", name) for name in files],
+    dataset = ray.data.read_webdataset([ctx.uri_of("ingest", name) for name in files],
                                        suffixes=[image_format, "cls"], num_cpus=read_cpus,
                                        override_num_blocks=len(files))  # a block per shard, not 20
     columns = {"__key__": "key", image_format: "image", "cls": "label"}
     if with_source:
         columns["__url__"] = "shard"
     return dataset.select_columns(list(columns), num_cpus=read_cpus).rename_columns(columns, num_cpus=read_cpus)
+
+
+def held_out_split(ctx: StageContext) -> str:
+    """The split for validation: `val` when ingest wrote one, else `train`."""
+    return "val" if "val" in ctx.inputs["ingest"].outputs["shards"] else "train"

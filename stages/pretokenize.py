@@ -11,10 +11,8 @@ lists only recorded files, so no reader ever sees half a piece.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -27,10 +25,12 @@ from pipeline.config import PipelineConfig, PretokenizeConfig
 from pipeline.data.codes import INT16_MAX, CodesMeta, codes_matrix, codes_table, file_sha256
 from pipeline.data.transforms import to_float
 from pipeline.data.views import VIEW_IDS, view_rows
+from pipeline.device import inference_device
 from pipeline.metrics.codebook import CodebookUsage
-from pipeline.models.tokenizer import CONFIG_FILE, WEIGHTS_FILE, load_tokenizer
+from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
+from pipeline.models.tokenizer import load_tokenizer
 from pipeline.stage import Progress, StageContext, StageInputError, StageResult
-from pipeline.storage import Manifest, RunDir
+from pipeline.storage import Manifest, RunDir, local_folder
 
 PROGRESS, STAGING = "_progress", "_staging"
 
@@ -43,27 +43,15 @@ class PretokenizeError(StageInputError):
 # The encoding step (the view step is `pipeline.data.views.view_rows`)
 
 
-def fetch_tokenizer(location: str) -> str:
-    """A local folder with the tokenizer's two files (copied when the run directory is a bucket)."""
-    run_dir = RunDir(location)
-    if run_dir.is_local:
-        return run_dir.root
-    local = tempfile.mkdtemp(prefix="tokenizer-")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        Path(local, name).write_bytes(run_dir.read_bytes(name))
-    return local
-
-
 class EncodeBatches:
     """Actor: loads the exported tokenizer once, then turns image batches into rows of the codes contract
     (plus the `piece` column the driver sorts them by)."""
 
     def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool):
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = inference_device(threads, use_gpu)
         if self.device.type == "cuda":  # exact fp32 lookups: the same codes as on CPU
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.model = load_tokenizer(fetch_tokenizer(tokenizer_location), self.device)
+        self.model = load_tokenizer(local_folder(tokenizer_location), self.device)
         self.meta = CodesMeta(**{**meta, "grid": tuple(meta["grid"]), "views": tuple(meta["views"])})
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -85,21 +73,22 @@ def check_inputs(cfg: PipelineConfig, ctx: StageContext) -> tuple[dict, str]:
         raise PretokenizeError(
             f"the tokenizer in {ctx.run_dir.location} was trained on shards of another ingest run "
             f"({tokenizer.inputs.get('ingest')} != {ingest.fingerprint}); rerun the tokenizer (--from tokenizer)")
+    shards, tokenizer_folder = ctx.folder_of("ingest"), ctx.folder_of("tokenizer")
     for split, files in ingest.outputs["shards"].items():
-        missing = [f for f in files if not ctx.run_dir.exists("shards", f)]
+        missing = [f for f in files if not ctx.run_dir.exists(shards, f)]
         if missing:
             raise PretokenizeError(f"{len(missing)} {split} shard(s) listed by the ingest manifest are gone, "
-                                   f"e.g. shards/{missing[0]}; rerun ingest (--from ingest --force ingest)")
-    settings = json.loads(ctx.run_dir.read_bytes("tokenizer", CONFIG_FILE))
+                                   f"e.g. {shards}/{missing[0]}; rerun ingest (--from ingest --force ingest)")
+    settings = json.loads(ctx.run_dir.read_bytes(tokenizer_folder, SETTINGS_FILE))
     tcfg = cfg.tokenizer
     expected = {"image_size": tcfg.image_size, "patch_size": tcfg.patch_size, "codebook_size": tcfg.codebook_size}
     wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
     if wrong:
         details = ", ".join(f"{k}: file {a} vs config {b}" for k, (a, b) in wrong.items())
-        raise PretokenizeError(f"tokenizer/{CONFIG_FILE} does not match the tokenizer config ({details})")
+        raise PretokenizeError(f"{tokenizer_folder}/{SETTINGS_FILE} does not match the tokenizer config ({details})")
     if settings["codebook_size"] > INT16_MAX + 1:
         raise PretokenizeError(f"codebook size {settings['codebook_size']} does not fit int16 codes")
-    return settings, file_sha256(ctx.run_dir.read_bytes("tokenizer", WEIGHTS_FILE))[:16]
+    return settings, file_sha256(ctx.run_dir.read_bytes(tokenizer_folder, WEIGHTS_FILE))[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +131,7 @@ def _stream_codes(ctx: StageContext, pcfg: PretokenizeConfig, pieces: list[Piece
 
     files = [name for piece in pieces for name in piece.files]
     piece_of_shard = {name: index for index, piece in enumerate(pieces) for name in piece.files}
-    dataset = shard_dataset(ctx.run_dir, ctx.inputs["ingest"], pieces[0].split, files,
-                            read_cpus=pcfg.cpus_per_task, with_source=True)
+    dataset = shard_dataset(ctx, pieces[0].split, files, read_cpus=pcfg.cpus_per_task, with_source=True)
     # Views in big batches (few tasks, little scheduling), encoding in the configured batch size. The view
     # step lives in a torch-free module: these tasks start fast and leave the CPU to the encoder.
     dataset = dataset.map_batches(view_rows, batch_size=pcfg.batch_size * 8, num_cpus=pcfg.cpus_per_task,
@@ -153,7 +141,7 @@ def _stream_codes(ctx: StageContext, pcfg: PretokenizeConfig, pieces: list[Piece
     dataset = dataset.map_batches(
         EncodeBatches, batch_size=pcfg.batch_size, num_cpus=pcfg.cpus_per_actor, num_gpus=pcfg.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pcfg.actors), **_actor_env(pcfg),
-        fn_constructor_kwargs={"tokenizer_location": ctx.run_dir.uri("tokenizer"), "meta": meta_dict,
+        fn_constructor_kwargs={"tokenizer_location": ctx.uri_of("tokenizer"), "meta": meta_dict,
                                "threads": max(1, round(pcfg.cpus_per_actor)),
                                "use_gpu": pcfg.gpus_per_actor > 0})
     dataset.context.execution_options.preserve_order = True  # a piece is whole once the next one begins

@@ -1,4 +1,6 @@
-"""Ray Train glue shared by the training stages: the trainer, checkpoint reporting and restoring.
+"""Ray Train glue shared by the training stages, written once: the trainer and its worker environment,
+a worker's start (resume from the latest checkpoint, MLflow on rank 0), checkpoint reports, and the export
+of the final model from the last checkpoint.
 
 Run names are derived from the stage fingerprint, so re-submitting the same job resumes the same run
 from its latest checkpoint, while a changed configuration starts a fresh one.
@@ -6,9 +8,11 @@ from its latest checkpoint, while a changed configuration starts a fresh one.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import ray
@@ -17,16 +21,50 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import TrainerResources
+from pipeline.device import Backend
 from pipeline.stage import StageContext
-from pipeline.train.state import load_state, save_state
+from pipeline.tracking import Tracker
+from pipeline.train.loop import TrainingLoop
+from pipeline.train.state import TrainState, load_state, save_state
 
 CHECKPOINTS = "checkpoints"
 PLACEMENT_GROUP_TAG = "vim.placement_group"
 
 
-def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: dict[str, Any],
+# ---------------------------------------------------------------------------------------------
+# The driver's side
+
+
+def train_and_export(ctx: StageContext, loop: Callable[[dict], dict | None], loop_config: dict[str, Any],
+                     resources: TrainerResources, datasets: dict[str, Any],
+                     save_model: Callable[[dict[str, Any], str], None]) -> dict[str, float]:
+    """Fit the stage's loop on Ray Train, write the model of its last checkpoint into the stage's folder
+    with `save_model(state_dict, folder)`, and return the final metrics the loop returned on rank 0."""
+    result = fit(build_trainer(ctx, loop, loop_config, resources, datasets))
+    if result.checkpoint is None or not result.return_value:
+        raise RuntimeError(f"the {ctx.spec.name} stage's training ended without a checkpoint or final metrics")
+    with result.checkpoint.as_directory() as folder:
+        model_state = load_state(folder)["model"]
+    with tempfile.TemporaryDirectory() as temp:
+        save_model(model_state, temp)
+        for path in sorted(Path(temp).iterdir()):
+            ctx.run_dir.write_bytes(path.read_bytes(), ctx.folder, path.name)
+    return dict(result.return_value)
+
+
+def worker_environment(tracking_uri: str) -> dict[str, str]:
+    """What a worker needs from the driver's environment."""
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    if os.environ.get("RAY_AUTH_MODE"):
+        env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
+    return env
+
+
+def build_trainer(ctx: StageContext, loop: Callable[[dict], Any], loop_config: dict[str, Any],
                   resources: TrainerResources, datasets: dict[str, Any],
                   split: tuple[str, ...] = ("train",)) -> TorchTrainer:
+    """The stage's trainer; its loop gets `loop_config` plus the MLflow run to log to."""
+    loop_config = {**loop_config, "tracking_uri": ctx.tracker.tracking_uri, "mlflow_run_id": ctx.tracker.run_id}
     run_name = f"{ctx.spec.name}-{ctx.fingerprint}"
     storage = ctx.run_dir.uri(ctx.folder, CHECKPOINTS)
     for stale in ctx.run_dir.list(ctx.folder, CHECKPOINTS):  # partial runs of other configurations
@@ -43,7 +81,7 @@ def build_trainer(ctx: StageContext, loop: Callable[[dict], None], loop_config: 
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": loop_config.get("env", {})}),
+                             worker_runtime_env={"env_vars": worker_environment(ctx.tracker.tracking_uri)}),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split)))
 
 
@@ -66,20 +104,36 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
 
 def tag_placement_group(tracker) -> None:
     """Rank 0 names its worker group's placement group on the stage run. A sweep that stops the trial
-    removes it (`stages/trial_progress.py`): Ray Train's own cleaner asks the dashboard's state API whether
+    removes it (`orchestration/trial_progress.py`): Ray Train's own cleaner asks the dashboard's state API whether
     the controller lives, and a cluster without a dashboard would keep the CPUs reserved until the job ends."""
     group = ray.util.get_current_placement_group() if ray.is_initialized() else None
     if group is not None:
         tracker.set_tags({PLACEMENT_GROUP_TAG: group.id.hex()})
 
 
-def restore_state() -> dict[str, Any] | None:
-    """The latest checkpoint's state on this worker, or None on a fresh start."""
+# ---------------------------------------------------------------------------------------------
+# A worker's side
+
+
+def start_worker(name: str, loop_config: dict[str, Any], state: TrainState, total_steps: int,
+                 backend: Backend, unit: str) -> TrainingLoop:
+    """Restore `state` from the latest checkpoint if there is one, open MLflow on rank 0, and return the
+    loop's bookkeeping with checkpoints going to Ray Train."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return load_state(folder)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state.load_state_dict(load_state(folder), rank)
+        print(f"[{name} rank {rank}] resumed at step {state.step} (epoch {state.epoch}, "
+              f"batch {state.batch_in_epoch})", flush=True)
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    if tracker is not None:
+        tag_placement_group(tracker)
+        if checkpoint is not None:
+            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
+    return TrainingLoop(name, state, total_steps, rank=rank, world=world, backend=backend,
+                        save_checkpoint=report, tracker=tracker, unit=unit)
 
 
 def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:

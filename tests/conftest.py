@@ -54,7 +54,7 @@ def coded_run(ray_cluster, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretok") / "run"
     from helpers import PRETOKENIZE_TINY
     from pipeline.config import load_config
-    from stages.runner import run_pipeline
+    from orchestration.runner import run_pipeline
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", PRETOKENIZE_TINY)
     outcomes = run_pipeline(cfg, str(run_dir), to_stage="pretokenize")

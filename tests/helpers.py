@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -39,6 +41,17 @@ def wait_for_checkpoint(stage_folder: Path, timeout: float = 300) -> None:
         if time.time() > deadline:
             raise TimeoutError(f"no checkpoint appeared under {stage_folder}")
         time.sleep(0.05)
+
+
+def kill_a_train_worker_after_checkpoint(stage_folder: Path, started: float, killed: list[int]) -> None:
+    """Once the stage has a registered checkpoint, SIGKILL one Ray Train worker started after `started`."""
+    wait_for_checkpoint(stage_folder)
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::RayTrainWorker") and process.info["create_time"] >= started:
+            process.send_signal(signal.SIGKILL)
+            killed.append(process.pid)
+            return
 
 
 def check_evaluation(run_dir: Path, per_class: int = 4, side: int = 16, tokens: int = 16) -> None:

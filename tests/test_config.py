@@ -62,3 +62,20 @@ def test_missing_config_file_is_clear(tmp_path):
 def test_every_preset_is_valid(preset):
     cfg = load_config(f"configs/{preset}")
     assert cfg.tokenizer.image_size % cfg.tokenizer.patch_size == 0
+
+
+def test_model_sections_inherit_the_model_settings_and_stay_torch_free():
+    import subprocess
+    import sys
+
+    from pipeline.config import TokenizerConfig, TransformerConfig
+    from pipeline.models.settings import TokenizerSettings, TransformerArchitecture
+
+    assert set(TokenizerSettings.model_fields) < set(TokenizerConfig.model_fields)
+    assert set(TransformerArchitecture.model_fields) < set(TransformerConfig.model_fields)
+    with pytest.raises(ConfigError, match=r"tokenizer.codebook_size.*less than or equal to 32767"):
+        build_config({}, ["tokenizer.codebook_size=40000"])
+    with pytest.raises(ConfigError, match=r"unknown key 'transformer.vocab_size'; allowed keys here: .*label_dropout"):
+        build_config({}, ["transformer.vocab_size=10"])  # the data decides it, not the config
+    code = "import sys, pipeline.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -17,7 +17,7 @@ from pipeline.config import build_config
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
-from stages.runner import PipelineError, RunLock, run_pipeline
+from orchestration.runner import PipelineError, RunLock, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Evaluation maths without Ray: Fréchet distance, IS bounds, the linear probe, PSNR/SSIM, the sampler."""
+"""Evaluation maths without Ray: Fréchet distance, IS bounds, the linear probe, PSNR/SSIM, the sampler, the
+block-feature extractor."""
 import numpy as np
 import pytest
 import torch
@@ -131,3 +132,22 @@ def test_top_k_and_top_p_filtering():
     assert torch.isinf(filter_logits(logits, SamplingSettings(top_k=2))[0, 2:]).all()
     kept = ~torch.isinf(filter_logits(logits, SamplingSettings(top_p=0.7))[0])
     assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, then 0.8 crosses it: kept
+
+
+def test_block_features_extractor_loads_a_saved_model_and_pools_each_block(tmp_path):
+    from pipeline.metrics.extractors import BlockFeatures
+    from pipeline.models.transformer import save_transformer
+
+    model = _model()
+    save_transformer(model, tmp_path / "transformer")
+    extractor = BlockFeatures(str(tmp_path / "transformer"), blocks=[1, 0], threads=1, use_gpu=False)
+    assert extractor.device.type == "cpu"
+    codes = torch.randint(0, 32, (5, 16), generator=torch.Generator().manual_seed(0))
+    column = np.empty(5, dtype=object)  # Ray Data hands list columns over as object arrays
+    column[:] = list(codes.numpy().astype(np.int16))
+    out = extractor({"codes": column, "label": np.arange(5), "split": np.zeros(5, dtype=np.int64)})
+    assert out["features"].shape == (5, 2, 64)  # pico: dim 64
+    assert out["label"].tolist() == list(range(5)) and out["split"].tolist() == [0] * 5
+    expected = model.pooled_block_features(codes, [1, 0]).numpy()
+    np.testing.assert_allclose(out["features"], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out["features"][:, 0], out["features"][:, 1])

@@ -18,7 +18,7 @@ from pipeline.data.codes import CodesMeta, codes_matrix
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
-from stages.runner import run_pipeline
+from orchestration.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

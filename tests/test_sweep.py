@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from stages.sweep import SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
+from orchestration.sweep import SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["ingest.max_images_per_split=96", "ingest.shard_size=48", "ingest.resolution=16",

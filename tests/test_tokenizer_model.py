@@ -1,4 +1,5 @@
 """ViT-VQGAN pieces without Ray: quantizer search and gradients, codebook stats, losses, overfitting."""
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,9 @@ from pipeline.metrics.codebook import CodebookUsage
 from pipeline.models.discriminator import StyleGANDiscriminator
 from pipeline.models.losses import (LOGIT_LAPLACE_EPS, Perceptual, PerceptualWeightsMissing,
                                     find_vgg16_weights, logit_laplace_nll, r1_penalty)
+from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
 from pipeline.models.quantize import VectorQuantizer, nearest_code
+from pipeline.models.settings import QuantizerSettings
 from pipeline.models.tokenizer import TokenizerSettings, ViTVQGAN, load_tokenizer, save_tokenizer
 
 
@@ -27,7 +30,7 @@ def test_chunked_nearest_code_equals_brute_force(cosine):
 
 def test_straight_through_reaches_the_encoder_and_codes_have_unit_norm():
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(dim=64, codebook_size=128, codebook_dim=8, l2_normalize=True)
+    quantizer = VectorQuantizer(64, QuantizerSettings(codebook_size=128, codebook_dim=8, l2_normalize=True))
     z = torch.randn(2, 10, 64, requires_grad=True)
     out = quantizer(z)
     (out.quantized.sum() + sum(out.losses.values())).backward()
@@ -39,7 +42,7 @@ def test_straight_through_reaches_the_encoder_and_codes_have_unit_norm():
 
 
 def test_plain_vq_has_no_projection_and_no_normalisation():
-    quantizer = VectorQuantizer(dim=16, codebook_size=32, codebook_dim=None, l2_normalize=False)
+    quantizer = VectorQuantizer(16, QuantizerSettings(codebook_size=32, codebook_dim=None, l2_normalize=False))
     assert isinstance(quantizer.proj_in, torch.nn.Identity) and quantizer.codebook.shape == (32, 16)
     z = torch.randn(1, 5, 16)
     assert torch.equal(quantizer.encode(z)[0], torch.cdist(z[0], quantizer.codebook).argmin(1))
@@ -47,8 +50,8 @@ def test_plain_vq_has_no_projection_and_no_normalisation():
 
 def test_ema_updates_pull_codes_towards_their_latents_and_dead_codes_restart():
     torch.manual_seed(0)
-    quantizer = VectorQuantizer(dim=4, codebook_size=16, codebook_dim=None, l2_normalize=False, ema=True,
-                                ema_decay=0.5, dead_code_threshold=0.5)
+    quantizer = VectorQuantizer(4, QuantizerSettings(codebook_size=16, codebook_dim=None, l2_normalize=False, ema=True,
+                                                     ema_decay=0.5, dead_code_threshold=0.5))
     z = torch.randn(1, 64, 4) + 5.0  # far from the N(0,1) codebook
     before = (quantizer.codebook - 5).norm(dim=1).min()
     for _ in range(30):
@@ -133,9 +136,35 @@ def test_tiny_tokenizer_overfits_sixteen_images(tmp_path):
     assert end > start + 8 and end > 19, (start, end)
 
     save_tokenizer(model, tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted([SETTINGS_FILE, WEIGHTS_FILE])
     loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.settings == model.settings
     assert torch.equal(loaded.encode(images), model.encode(images))
     assert torch.allclose(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
+
+
+def test_an_older_settings_file_with_extra_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = ViTVQGAN(TokenizerSettings(image_size=16, patch_size=4, codebook_size=16, codebook_dim=4))
+    save_tokenizer(model, tmp_path)
+    settings = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert "extra" not in settings and settings["codebook_size"] == 16
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**settings, "extra": {}}))  # as older versions wrote it
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.settings == model.settings
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded.encode(images), model.eval().encode(images))
+
+
+def test_the_config_builds_the_tokenizer_settings_by_field_name():
+    from pipeline.config import build_config
+
+    cfg = build_config({}, ["tokenizer.codebook_dim=null", "tokenizer.ema=true", "tokenizer.encoder=mini"]).tokenizer
+    settings = cfg.model_settings()
+    assert type(settings) is TokenizerSettings
+    assert settings.codebook_dim is None and settings.ema and settings.encoder == "mini"
+    assert settings.model_dump() == {name: getattr(cfg, name) for name in TokenizerSettings.model_fields}
+    assert settings.grid == cfg.image_size // cfg.patch_size
 
 
 @pytest.mark.parametrize("overrides", [

@@ -1,21 +1,19 @@
 """The tokenizer stage on a real local Ray: 2 CPU workers, checkpoints, a killed worker resumes at the
 checkpointed step, and the exported files load on their own. A stopped driver (`ray job stop`, then the
 same submission) is tested with the whole pipeline in test_job_submit.py."""
-import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import wait_for_checkpoint
+from helpers import kill_a_train_worker_after_checkpoint
 from pipeline.config import load_config
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
-from stages.runner import run_pipeline
+from orchestration.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=128", "ingest.resolution=16",
@@ -51,16 +49,8 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
 
     started = time.time()
 
-    def kill_a_worker():
-        wait_for_checkpoint(run_dir / "tokenizer")
-        for process in psutil.process_iter(["cmdline", "create_time"]):
-            title = " ".join(process.info["cmdline"] or [])
-            if title.startswith("ray::RayTrainWorker") and process.info["create_time"] >= started:
-                process.send_signal(signal.SIGKILL)
-                killed.append(process.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer = threading.Thread(target=kill_a_train_worker_after_checkpoint,
+                              args=(run_dir / "tokenizer", started, killed), daemon=True)
     killer.start()
     run_pipeline(cfg, str(run_dir), to_stage="tokenizer")
     killer.join(timeout=5)

@@ -1,13 +1,15 @@
 """The VIM Transformer without Ray: causality, KV-cache decoding, conditioning, label dropout, gradient
 accumulation, and a tiny model learning a small code set."""
+import json
 import math
 
 import pytest
 import torch
 
 from pipeline.device import Backend
-from pipeline.models.transformer import (VIM_SIZES, TransformerSettings, VIMTransformer, load_transformer,
-                                         save_transformer)
+from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, load_model, save_weights
+from pipeline.models.settings import VIM_SIZES, TransformerSettings
+from pipeline.models.transformer import VIMTransformer, load_transformer, save_transformer
 from pipeline.train.lm_step import accumulated_step, parameter_groups
 
 CPU = Backend("cpu", torch.device("cpu"))
@@ -120,7 +122,33 @@ def test_tiny_model_learns_a_small_code_set(tmp_path):
     assert loss < 0.35 * uniform, (loss, uniform)
     save_transformer(model, tmp_path)
     again = load_transformer(tmp_path)
+    assert again.settings == model.settings and again.settings.grid == (4, 4)
     assert torch.allclose(again(tokens[:2], labels[:2]), model.eval()(tokens[:2], labels[:2]), atol=1e-6)
+
+
+def test_weights_exported_from_a_state_dict_load_like_a_saved_model(tmp_path):
+    model = _model(label_dropout=0.1)
+    save_weights(model.state_dict(), model.settings, tmp_path / "state")
+    save_transformer(model, tmp_path / "model")
+    for name in (SETTINGS_FILE, WEIGHTS_FILE):
+        assert (tmp_path / "state" / name).read_bytes() == (tmp_path / "model" / name).read_bytes()
+    assert json.loads((tmp_path / "model" / SETTINGS_FILE).read_text()) == {
+        "size": "pico", "vocab_size": 32, "grid": [4, 4], "num_classes": 5, "dropout": 0.0, "label_dropout": 0.1}
+    again = load_model(VIMTransformer, TransformerSettings, tmp_path / "state")
+    tokens = torch.randint(0, 32, (2, 16))
+    assert torch.equal(again(tokens), model(tokens)) and not again.training
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_the_config_builds_the_transformer_settings_by_field_name(conditional):
+    from pipeline.config import build_config
+
+    cfg = build_config({}, ["transformer.size=pico", "transformer.dropout=0.2",
+                            f"transformer.conditional={str(conditional).lower()}"]).transformer
+    settings = cfg.model_settings(vocab_size=64, grid=[4, 4], num_classes=10)
+    assert type(settings) is TransformerSettings
+    assert settings.model_dump() == {"size": "pico", "dropout": 0.2, "label_dropout": 0.0, "vocab_size": 64,
+                                     "grid": (4, 4), "num_classes": 10 if conditional else 0}
 
 
 def test_flops_accounting_is_the_6n_rule():
@@ -128,3 +156,13 @@ def test_flops_accounting_is_the_6n_rule():
     shape = VIM_SIZES["nano"]
     assert model.flops_per_token() == 6 * model.parameter_count() + 12 * shape.depth * shape.dim * 16
     assert model.parameter_count() == pytest.approx(12 * shape.depth * shape.dim ** 2, rel=0.05)
+
+
+def test_size_names_match_the_size_tables():
+    from typing import get_args
+
+    from pipeline.models.settings import VIM_SIZE_NAMES, VIT_SIZE_NAMES
+    from pipeline.models.vit import VIT_SIZES
+
+    assert set(get_args(VIM_SIZE_NAMES)) == set(VIM_SIZES)
+    assert set(get_args(VIT_SIZE_NAMES)) == set(VIT_SIZES)

@@ -2,21 +2,19 @@
 worker resumes at its checkpointed step, every logging step is present, the export loads on its own."""
 import math
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import PRETOKENIZE_TINY, wait_for_checkpoint
+from helpers import PRETOKENIZE_TINY, kill_a_train_worker_after_checkpoint
 from pipeline.config import load_config
 from pipeline.models.transformer import load_transformer
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
-from stages.runner import run_pipeline
+from orchestration.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PRETOKENIZE_TINY + [
@@ -34,16 +32,8 @@ def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
     killed, started = [], time.time()
 
-    def kill_a_worker():
-        wait_for_checkpoint(run_dir / "transformer")
-        for process in psutil.process_iter(["cmdline", "create_time"]):
-            title = " ".join(process.info["cmdline"] or [])
-            if title.startswith("ray::RayTrainWorker") and process.info["create_time"] >= started:
-                process.send_signal(signal.SIGKILL)
-                killed.append(process.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer = threading.Thread(target=kill_a_train_worker_after_checkpoint,
+                              args=(run_dir / "transformer", started, killed), daemon=True)
     killer.start()
     outcomes = run_pipeline(cfg, str(run_dir), only="transformer")
     killer.join(timeout=5)

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from pipeline.config import IngestConfig
+from pipeline.storage import is_uri
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
@@ -54,13 +55,13 @@ class SourceIndex:
 
 
 def open_fs(location: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in location:
+    if not is_uri(location):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
     return pafs.FileSystem.from_uri(location)
 
 
 def _join(root: str, child: str) -> str:
-    if "://" in child or child.startswith("/"):
+    if is_uri(child) or child.startswith("/"):
         return child
     return root.rstrip("/") + "/" + child
 
@@ -220,7 +221,7 @@ def _index_class_folders(location: str, class_ids: list[str] | None, split: str)
         stem = os.path.splitext(os.path.join(*parts[1:]))[0]
         columns["key"].append(make_key(parts[0], stem))
         columns["label"].append(position[parts[0]])
-        columns["path"].append(_join(location, rel) if "://" in location else info.path)
+        columns["path"].append(_join(location, rel) if is_uri(location) else info.path)
         columns["origin"].append(rel)
     columns["ignored"] = ignored
     return class_ids, columns
@@ -233,7 +234,7 @@ def _index_flat_folder(location: str, labels: dict[str, str], class_ids: list[st
     files = [i for i in files if not _is_hidden(i.base_name)]
     stems = [os.path.splitext(i.base_name)[0] for i in files]
     return {"key": [make_key(s) for s in stems], "label": _apply_labels(stems, labels, class_ids, split),
-            "path": [_join(location, os.path.relpath(i.path, root)) if "://" in location else i.path
+            "path": [_join(location, os.path.relpath(i.path, root)) if is_uri(location) else i.path
                      for i in files],
             "origin": [os.path.relpath(i.path, root) for i in files], "ignored": ignored}
 
@@ -425,7 +426,7 @@ def build_index(cfg: IngestConfig) -> SourceIndex:
 
 
 def _fs_path(location: str) -> str:
-    return location if "://" in location else os.path.abspath(location)
+    return location if is_uri(location) else os.path.abspath(location)
 
 
 def _needs_labels(cfg: IngestConfig) -> str:

@@ -1,7 +1,7 @@
 """Tokenizer losses: logit-Laplace NLL (DALL-E form), L2, LPIPS-VGG, and the non-saturating GAN loss
 with lazy R1.
 
-Choices where the paper is silent (vim-facts 1.4): the decoder predicts a per-pixel, per-channel
+Choices where the paper is silent: the decoder predicts a per-pixel, per-channel
 scale for the logit-Laplace (DALL-E's form; 6 output channels); the GAN loss is non-saturating with
 lazy R1 (gamma 10 every 16 steps by default), as in StyleGAN2.
 """

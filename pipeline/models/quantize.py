@@ -1,6 +1,6 @@
 """Vector quantizers behind one interface: `quantizer(z) -> QuantizerOutput(codes, quantized, losses, stats)`.
 
-The paper's quantizer (vim-facts 1.3): a linear projection to a low-dimensional lookup space, l2-normalised
+The paper's quantizer: a linear projection to a low-dimensional lookup space, l2-normalised
 inputs and codes, a normally initialised codebook, beta = 0.25, straight-through through the normalised
 latent, and a projection back up. Turning `codebook_dim` off and `l2_normalize` off gives plain VQ, the
 paper's ablation baseline. EMA codebook updates and dead-code restarts are options; under DDP their
@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.models.settings import QuantizerSettings
 
 
 @dataclass
@@ -44,25 +46,24 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, max_elem
 
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, dim: int, codebook_size: int = 8192, codebook_dim: int | None = 32,
-                 l2_normalize: bool = True, beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
-                 dead_code_threshold: float = 0.0, search_chunk_elements: int = 2**24,
-                 init_from_data: bool = False):
+    def __init__(self, dim: int, settings: QuantizerSettings, search_chunk_elements: int = 2**24):
         super().__init__()
-        self.codebook_size, self.beta, self.l2 = codebook_size, beta, l2_normalize
-        self.ema, self.ema_decay, self.dead_threshold = ema, ema_decay, dead_code_threshold
+        self.settings = settings
+        codebook_size, codebook_dim = settings.codebook_size, settings.codebook_dim
+        self.codebook_size, self.beta, self.l2 = codebook_size, settings.beta, settings.l2_normalize
+        self.ema, self.ema_decay, self.dead_threshold = settings.ema, settings.ema_decay, settings.dead_code_threshold
         self.chunk = search_chunk_elements
         lookup_dim = codebook_dim or dim
         # No bias: a learnable offset can swamp small encoder outputs and drag every latent onto one code.
         self.proj_in = nn.Linear(dim, lookup_dim, bias=False) if codebook_dim else nn.Identity()
         self.proj_out = nn.Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
-        self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim), requires_grad=not ema)
+        self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim), requires_grad=not self.ema)
         # Usage counts (EMA of how often each code is picked) drive dead-code restarts and the stats.
         self.register_buffer("usage", torch.ones(codebook_size))
-        # init_from_data: the first training batch's latents seed the codebook (instead of the paper's
+        # codebook_init="data": the first training batch's latents seed the codebook (instead of the paper's
         # normal init), which avoids the early collapse onto a handful of codes in small, short runs.
-        self.register_buffer("needs_data_init", torch.tensor(bool(init_from_data)))
-        if ema:
+        self.register_buffer("needs_data_init", torch.tensor(settings.codebook_init == "data"))
+        if self.ema:
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", self.codebook.detach().clone())
 

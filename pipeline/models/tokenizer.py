@@ -1,4 +1,4 @@
-"""ViT-VQGAN: ViT encoder -> quantizer -> ViT decoder, plus saving and loading without anything else.
+"""ViT-VQGAN: ViT encoder -> quantizer -> ViT decoder; saved and loaded by pipeline.models.io.
 
 Images enter and leave in [0, 1]. The decoder head is either the paper's logit-Laplace head (sigmoid
 mean, 6 channels: location and log-scale per colour) or Parti's plain linear head (3 channels, no
@@ -6,42 +6,16 @@ sigmoid, no logit-Laplace loss).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.models.io import load_model, save_model
 from pipeline.models.losses import from_laplace_space
 from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
+from pipeline.models.settings import TokenizerSettings
 from pipeline.models.vit import VIT_SIZES, ViTDecoder, ViTEncoder, init_weights
-
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-@dataclass
-class TokenizerSettings:
-    image_size: int = 32
-    patch_size: int = 4
-    encoder: str = "tiny"  # a VIT_SIZES name: tiny, mini, S, B, L
-    decoder: str = "tiny"
-    codebook_size: int = 512
-    codebook_dim: int | None = 32  # None: no factorisation (look up in the model dimension)
-    l2_normalize: bool = True
-    beta: float = 0.25
-    ema: bool = False
-    ema_decay: float = 0.99
-    dead_code_threshold: float = 0.0
-    codebook_init: Literal["normal", "data"] = "normal"
-    output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
 
 
 class ViTVQGAN(nn.Module):
@@ -50,10 +24,7 @@ class ViTVQGAN(nn.Module):
         self.settings = settings
         enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
         self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size)
-        self.quantizer = VectorQuantizer(
-            enc.dim, settings.codebook_size, settings.codebook_dim, settings.l2_normalize, settings.beta,
-            settings.ema, settings.ema_decay, settings.dead_code_threshold,
-            init_from_data=settings.codebook_init == "data")
+        self.quantizer = VectorQuantizer(enc.dim, settings)
         self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
         out_channels = 6 if settings.output_head == "logit_laplace" else 3
         self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels)
@@ -100,17 +71,9 @@ class ViTVQGAN(nn.Module):
 
 
 def save_tokenizer(model: ViTVQGAN, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(model.settings), indent=2, sort_keys=True))
+    save_model(model, folder)
 
 
 def load_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> ViTVQGAN:
     """A tokenizer from its two files (config.json + model.safetensors), in eval mode."""
-    folder = Path(folder)
-    settings = TokenizerSettings(**json.loads((folder / CONFIG_FILE).read_text()))
-    model = ViTVQGAN(settings)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    return model.to(device).eval()
+    return load_model(ViTVQGAN, TokenizerSettings, folder, device)

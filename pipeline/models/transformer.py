@@ -10,59 +10,15 @@ so one model gives both the conditional and unconditional logits for classifier-
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-@dataclass(frozen=True)
-class VimSize:
-    dim: int
-    depth: int
-    heads: int
-    mlp_dim: int
-
-
-# Paper Table 2: Base and Large. The small ones train on a laptop CPU in minutes.
-VIM_SIZES: dict[str, VimSize] = {
-    "pico": VimSize(64, 2, 2, 256),
-    "nano": VimSize(128, 4, 4, 512),
-    "micro": VimSize(256, 6, 8, 1024),
-    "small": VimSize(512, 8, 8, 2048),
-    "B": VimSize(1536, 24, 16, 6144),
-    "L": VimSize(2048, 36, 32, 8192),
-}
-
-
-@dataclass
-class TransformerSettings:
-    size: str = "nano"
-    vocab_size: int = 512  # the tokenizer's codebook size
-    grid: tuple[int, int] = (8, 8)
-    num_classes: int = 10  # 0: unconditional, a start token instead of a class token
-    dropout: float = 0.1  # residual, MLP and attention (paper)
-    label_dropout: float = 0.0  # >0: train with a null class for classifier-free guidance
-
-    @property
-    def shape(self) -> VimSize:
-        return VIM_SIZES[self.size]
-
-    @property
-    def length(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def null_class(self) -> int:
-        """Index of the null class (the start token of an unconditional model)."""
-        return self.num_classes
+from pipeline.models.io import load_model, save_model
+from pipeline.models.settings import TransformerSettings, VimSize
 
 
 class KVCache:
@@ -179,10 +135,6 @@ class VIMTransformer(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean next-token NLL in nats."""
-        return F.cross_entropy(self(tokens, labels).float().flatten(0, 1), tokens.flatten())
-
     @torch.no_grad()
     def features(self, tokens: torch.Tensor, labels: torch.Tensor | None, block: int) -> torch.Tensor:
         """Output of block `block` (0-based) at every image-token position: (B, L, dim), for the probe."""
@@ -248,17 +200,9 @@ class VIMTransformer(nn.Module):
 
 
 def save_transformer(model: VIMTransformer, folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(model.settings), indent=2, sort_keys=True))
+    save_model(model, folder)
 
 
 def load_transformer(folder: str | Path, device: str | torch.device = "cpu") -> VIMTransformer:
     """A VIM Transformer from its two files, in eval mode."""
-    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    data["grid"] = tuple(data["grid"])
-    model = VIMTransformer(TransformerSettings(**data))
-    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
-    return model.to(device).eval()
+    return load_model(VIMTransformer, TransformerSettings, folder, device)

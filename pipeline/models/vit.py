@@ -1,6 +1,6 @@
 """The ViT pieces of ViT-VQGAN: patch embedding, pre-LN blocks, the tanh output head, 2D positions.
 
-Choices where the paper is silent (vim-facts 1.2): fixed 2D sin-cos position embeddings, GELU MLPs,
+Choices where the paper is silent: fixed 2D sin-cos position embeddings, GELU MLPs,
 pre-LN blocks, a conv patch embedding (= a linear map of each patch), and a per-token
 Linear -> tanh -> Linear output head whose hidden width is the block MLP width.
 """
@@ -21,7 +21,7 @@ class ViTSize:
     mlp_dim: int
 
 
-# Paper Table 2 (S, B, L) plus small presets that train on a CPU in minutes.
+# Paper Table 2 (S, B, L) plus small presets for CPU runs.
 VIT_SIZES: dict[str, ViTSize] = {
     "tiny": ViTSize(depth=2, dim=64, heads=4, mlp_dim=128),
     "mini": ViTSize(depth=4, dim=128, heads=4, mlp_dim=256),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.schedules import warmup_hold_exponential
+from pipeline.train.optim import grad_norm
 
 LN2 = math.log(2)
 
@@ -53,11 +54,7 @@ def accumulated_step(model: nn.Module, micro_batches: Iterable[tuple[torch.Tenso
                 loss = next_token_loss(model(tokens, labels), tokens) / len(micro_batches)
             loss.backward()
         total += loss.detach()
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    else:
-        grad_norm = torch.norm(torch.stack([p.grad.detach().norm() for p in parameters]))
+    norm = grad_norm(model.parameters(), grad_clip)
     backend.optimizer_step(optimizer)
     backend.mark_step()
-    return float(total), float(grad_norm)
+    return float(total), norm

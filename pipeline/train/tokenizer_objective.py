@@ -12,28 +12,14 @@ from pipeline.config import TokenizerConfig
 from pipeline.models.discriminator import StyleGANDiscriminator
 from pipeline.models.losses import (Perceptual, discriminator_adversarial, find_vgg16_weights,
                                     generator_adversarial, logit_laplace_nll, r1_penalty)
-from pipeline.models.tokenizer import TokenizerSettings, ViTVQGAN
-
-
-def tokenizer_settings(cfg: TokenizerConfig) -> TokenizerSettings:
-    return TokenizerSettings(
-        image_size=cfg.image_size, patch_size=cfg.patch_size, encoder=cfg.encoder, decoder=cfg.decoder,
-        codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim, l2_normalize=cfg.l2_normalize,
-        beta=cfg.beta, ema=cfg.ema, ema_decay=cfg.ema_decay, dead_code_threshold=cfg.dead_code_threshold,
-        codebook_init=cfg.codebook_init, output_head=cfg.output_head)
-
-
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [0, 1]."""
-    mse = (reconstruction.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+from pipeline.models.tokenizer import ViTVQGAN
 
 
 class TokenizerObjective(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = ViTVQGAN(tokenizer_settings(cfg))
+        self.model = ViTVQGAN(cfg.model_settings())
         self.discriminator = (StyleGANDiscriminator(cfg.image_size, cfg.disc_base_channels)
                               if cfg.adversarial_weight > 0 else None)
         self.perceptual = (Perceptual(find_vgg16_weights(cfg.vgg16_weights))

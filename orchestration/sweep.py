@@ -9,7 +9,7 @@ Layout under the sweep directory (local):
 
 Trial names come from their swept values, so a restored or re-submitted sweep finds each trial's committed
 stages and skips them. With `scheduler="asha"` a trial reports its training stage's validation metric
-as it goes (`stages/trial_progress.py`) and ASHA stops the trials that fall behind at each rung.
+as it goes (`orchestration/trial_progress.py`) and ASHA stops the trials that fall behind at each rung.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import yaml
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
 from stages import STAGE_NAMES, STAGES
-from stages.runner import PipelineError, run_pipeline
-from stages.trial_progress import StageMetricWatcher, interim_metric, release_stopped_trial, run_while_watching
+from orchestration.runner import PipelineError, run_pipeline
+from orchestration.trial_progress import StageMetricWatcher, interim_metric, release_stopped_trial, run_while_watching
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("fifo", "asha")

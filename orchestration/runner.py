@@ -18,7 +18,7 @@ from typing import Callable
 from pipeline import tracking
 from pipeline.config import PipelineConfig
 from pipeline.stage import StageContext, StageResult, StageSpec
-from pipeline.storage import Manifest, RunDir
+from pipeline.storage import MANIFEST, Manifest, RunDir
 from stages import STAGE_NAMES, STAGES
 
 log = logging.getLogger("vim.pipeline")
@@ -60,13 +60,13 @@ def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | No
                 module.preflight(cfg)
 
 
-CONFIG_FILE = "pipeline_config.json"
+PIPELINE_CONFIG_FILE = "pipeline_config.json"
 
 
 def stored_config(run_dir_location: str) -> dict | None:
     """The whole config of the last pipeline run on this run directory (None before the first)."""
     run_dir = RunDir(run_dir_location)
-    return run_dir.read_json(CONFIG_FILE) if run_dir.exists(CONFIG_FILE) else None
+    return run_dir.read_json(PIPELINE_CONFIG_FILE) if run_dir.exists(PIPELINE_CONFIG_FILE) else None
 
 
 def _section_hash(cfg: PipelineConfig, spec: StageSpec) -> tuple[dict, str]:
@@ -151,7 +151,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
     outcomes: list[StageOutcome] = []
     with RunLock(run_dir):
         parent = _parent_run(run_dir, cfg, uri, sweep_run_id)
-        run_dir.write_json(cfg.model_dump(mode="json"), CONFIG_FILE)  # what `jobs/run_stage.py` reuses
+        run_dir.write_json(cfg.model_dump(mode="json"), PIPELINE_CONFIG_FILE)  # what `jobs/run_stage.py` reuses
         status = "FAILED"
         try:
             manifests: dict[str, Manifest] = {}
@@ -177,7 +177,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
                 if existing is not None:  # stale or forced: uncommit before touching outputs
                     log.info("stage %s: %s, rerunning", spec.name,
                              "forced" if spec.name in force else "config or inputs changed")
-                    run_dir.delete(spec.folder, "_MANIFEST.json")
+                    run_dir.delete(spec.folder, MANIFEST)
                     run_dir.delete(spec.folder)
                 manifests[spec.name] = _run_stage(spec, cfg, run_dir, uri, parent, config, config_hash,
                                                   inputs, fingerprint, manifests)
@@ -202,7 +202,8 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
             "vim.kind": "stage", "vim.stage": spec.name, "vim.fingerprint": fingerprint,
             "vim.git_commit": tracking.git_commit(), "vim.config_hash": config_hash}, parent_run_id=parent.run_id)
         child.log_params(config)
-    ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child)
+    ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child,
+                       folders={stage.name: stage.folder for stage in STAGES})
     log.info("stage %s: running (fingerprint %s)", spec.name, fingerprint)
     started = time.perf_counter()
     try:
@@ -246,7 +247,7 @@ def run_job(make_config: Callable[[], PipelineConfig], run_dir_location: str, fr
     from pipeline.data.sources import SourceError
     from pipeline.models.losses import PerceptualWeightsMissing
     from pipeline.stage import StageInputError
-    from stages.report import print_summary
+    from orchestration.report import print_summary
 
     try:
         cfg = make_config()

@@ -1,0 +1,80 @@
+"""What the evaluate parts share: their result type, the run's fixed facts, actor-pool settings, collection."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from pipeline.config import EvaluateConfig, PipelineConfig
+from pipeline.metrics.fid import GaussianStats, fid_from_stats
+from pipeline.stage import StageContext
+from stages.datasets import held_out_split
+
+CACHE = "_cache"  # run-directory folder for what later evaluate runs can reuse
+
+
+@dataclass
+class PartResult:
+    """One numbered part of the evaluation: its figures, how each group was computed, where its time went,
+    its counts and the files it made (name -> bytes, written to the stage folder)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    how: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Facts of this run every part needs, read once from the config and the upstream manifests."""
+
+    ecfg: EvaluateConfig
+    num_classes: int
+    image_size: int
+    val_split: str
+    codebook_size: int
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, ctx: StageContext) -> "Setup":
+        codes = ctx.inputs["pretokenize"]
+        return cls(ecfg=cfg.evaluate, num_classes=int(ctx.inputs["transformer"].outputs["settings"]["num_classes"]),
+                   image_size=int(codes.outputs["image_size"]), val_split=held_out_split(ctx),
+                   codebook_size=int(codes.outputs["codebook_size"]))
+
+    def frechet(self, a: GaussianStats, b: GaussianStats) -> float:
+        """The Frechet distance by the configured method."""
+        return fid_from_stats(a, b, method=self.ecfg.fid_method)
+
+    @property
+    def pool(self) -> dict:
+        """`map_batches` keywords for an actor pool of the configured size and resources."""
+        ecfg = self.ecfg
+        return {"compute": ray.data.ActorPoolStrategy(size=ecfg.actors), "num_cpus": ecfg.cpus_per_actor,
+                "num_gpus": ecfg.gpus_per_actor, "batch_size": ecfg.batch_size}
+
+    @property
+    def actor_args(self) -> dict:
+        """Constructor keywords every extractor takes: torch threads and whether to ask for a GPU."""
+        return {"threads": max(1, round(self.ecfg.cpus_per_actor)), "use_gpu": self.ecfg.gpus_per_actor > 0}
+
+
+def collect(dataset: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """A whole dataset on the driver, one concatenated array per column."""
+    parts: dict[str, list] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+class Stopwatch:
+    """Seconds since it was made (or last reset)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.started
