@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= $(CURDIR)/runs/demo
 CONFIG ?= configs/demo.yaml
+# In-process clusters (make test, bench) run without auth; the local head of ray-up/demo/sweep-demo requires
+# Ray's token (~/.ray/auth_token, written by scripts/ray_head.sh), and every process talking to it uses token mode.
 export RAY_AUTH_MODE ?= disabled
+ray-up ray-down demo sweep-demo: export RAY_AUTH_MODE = token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
@@ -27,12 +30,15 @@ ray-down:
 demo: setup ray-up
 	bash scripts/submit.sh python jobs/full_pipeline.py --config $(CONFIG) --run-dir $(RUN_DIR)
 
-# A quick sweep: three lookup dims of the demo tokenizer, 200 steps each without the discriminator (~7 min).
+# A quick sweep: three lookup dims of the demo tokenizer, 100 steps each without the discriminator, on 5,000
+# train images (a few minutes). tests/test_sweep_demo.py runs exactly this recipe (`make -n sweep-demo SWEEP_DIR=...`).
+SWEEP_DIR ?= $(CURDIR)/runs/sweep-demo
 sweep-demo: setup ray-up
-	bash scripts/submit.sh python jobs/sweep.py --config $(CONFIG) --sweep-dir $(CURDIR)/runs/sweep-demo \
+	bash scripts/submit.sh python jobs/sweep.py --config $(CONFIG) --sweep-dir $(SWEEP_DIR) \
 		--grid tokenizer.codebook_dim=4,16,64 --last-stage tokenizer --metric tokenizer.val_usage_per_256 \
-		--set tokenizer.steps=200 --set tokenizer.adversarial_weight=0 --set tokenizer.warmup_steps=20 \
-		--set tokenizer.checkpoint_every=100 --set tokenizer.image_every=100
+		--set ingest.max_images_per_split=5000 --set tokenizer.steps=100 --set tokenizer.adversarial_weight=0 \
+		--set tokenizer.warmup_steps=10 --set tokenizer.val_images=1024 \
+		--set tokenizer.checkpoint_every=50 --set tokenizer.image_every=50
 
 test: setup
 	$(PY) -m pytest -q tests

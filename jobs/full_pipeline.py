@@ -23,10 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--to", dest="to_stage", choices=STAGE_NAMES, help="stop after this stage")
     parser.add_argument("--force", action="append", default=[], choices=STAGE_NAMES,
                         help="rerun this stage even when it is committed and current")
+    parser.add_argument("--verify", action="store_true",
+                        help="also compare checksums (not only sizes) of the committed files stages read or skip")
     args = parser.parse_args(argv)
     # load_config raises every config error before any Ray work
     return run_job(lambda: load_config(args.config, args.overrides), args.run_dir, args.from_stage, args.only,
-                   args.to_stage, tuple(args.force))
+                   args.to_stage, tuple(args.force), verify=args.verify)
 
 
 if __name__ == "__main__":

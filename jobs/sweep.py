@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", help="<stage>.<metric> Tune ranks trials by, e.g. evaluate.rfid_domain")
     parser.add_argument("--mode", default="max", choices=("max", "min"))
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-concurrent", type=int, help="default: cluster CPUs / one trial's busiest stage")
+    parser.add_argument("--max-concurrent", type=int, help="default: as many trials as the cluster fits, each "
+                        "holding its busiest stage (workers or actors plus a read task); more is refused")
     parser.add_argument("--scheduler", default="fifo", choices=SCHEDULERS, help="asha: early stopping on --metric")
     parser.add_argument("--grace-period", type=int, help="ASHA: training steps before a first cut (default: 1/4)")
     parser.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this at each rung")
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(open(f"{summary['root']}/comparison.md").read())
-    print(f"sweep directory: {summary['root']} ({len(summary['rows'])} trials, {summary['concurrency']} at a time)")
+    need = ", ".join(f"{value:g} {key}" for key, value in sorted(summary["trial_resources"].items()))
+    print(f"sweep directory: {summary['root']} ({len(summary['rows'])} trials, {summary['concurrency']} at a time, "
+          f"{need} each)")
     print(f"browse: mlflow ui --backend-store-uri sqlite:///{summary['root']}/mlflow.db --host 127.0.0.1 --port 5000")
     return 0
 

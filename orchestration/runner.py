@@ -9,7 +9,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,15 +17,14 @@ from typing import Callable
 from pipeline import tracking
 from pipeline.config import PipelineConfig
 from pipeline.stage import StageContext, StageResult, StageSpec
+from orchestration.errors import PipelineError
+from orchestration.input_checks import changed_manifests, check_inputs, check_outputs, read_manifest
+from orchestration.run_lock import RunLock
+from pipeline.output_records import record_outputs
 from pipeline.storage import MANIFEST, Manifest, RunDir
 from stages import STAGE_NAMES, STAGES
 
 log = logging.getLogger("vim.pipeline")
-LOCK = "_LOCK.json"
-
-
-class PipelineError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -53,6 +51,9 @@ def select(from_stage: str | None, only: str | None, to_stage: str | None = None
 def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
               to_stage: str | None = None) -> None:
     """Each selected stage's cheap input checks, so bad paths fail before Ray starts."""
+    from pipeline.config import check_stage_consistency
+
+    check_stage_consistency(cfg, select(from_stage, only, to_stage))  # settings the selected stages share
     for spec in STAGES:
         if spec.name in select(from_stage, only, to_stage):
             module = importlib.import_module(spec.entry.split(":")[0])
@@ -72,50 +73,6 @@ def stored_config(run_dir_location: str) -> dict | None:
 def _section_hash(cfg: PipelineConfig, spec: StageSpec) -> tuple[dict, str]:
     section = getattr(cfg, spec.name)
     return section.output_affecting(), section.hash()
-
-
-class RunLock:
-    """Refuses a second pipeline on the same run directory while the first one's process lives."""
-
-    def __init__(self, run_dir: RunDir):
-        self.run_dir = run_dir
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-
-    def _holder_alive(self, holder: dict) -> bool:
-        if holder.get("host") != self.me["host"]:
-            return True  # cannot check another machine's processes: trust the lock
-        try:
-            os.kill(int(holder["pid"]), 0)
-            return True
-        except (ProcessLookupError, ValueError, KeyError):
-            return False
-        except PermissionError:
-            return True
-
-    def __enter__(self) -> "RunLock":
-        if self.run_dir.exists(LOCK):
-            holder = self.run_dir.read_json(LOCK)
-            if self._holder_alive(holder) and holder.get("pid") != self.me["pid"]:
-                raise PipelineError(
-                    f"run directory {self.run_dir.location} is in use by pid {holder.get('pid')} on "
-                    f"{holder.get('host')}; wait for it, or delete {LOCK} there if that process is gone")
-        if self.run_dir.is_local:  # exclusive create: two starters cannot both win
-            path = self.run_dir.path(LOCK)
-            try:
-                if os.path.exists(path):
-                    os.remove(path)
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                raise PipelineError(f"run directory {self.run_dir.location} was locked just now by "
-                                    "another pipeline") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-        else:
-            self.run_dir.write_json(self.me, LOCK)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.run_dir.delete(LOCK)
 
 
 def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
@@ -141,8 +98,10 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
 
 def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | None = None,
                  only: str | None = None, force: tuple[str, ...] = (),
-                 to_stage: str | None = None, sweep_run_id: str | None = None) -> list[StageOutcome]:
-    """`sweep_run_id`: the MLflow run this pipeline run nests under (a sweep trial)."""
+                 to_stage: str | None = None, sweep_run_id: str | None = None,
+                 verify: bool = False) -> list[StageOutcome]:
+    """`sweep_run_id`: the MLflow run this pipeline run nests under (a sweep trial). Committed outputs a stage
+    reads, or that are skipped, are checked against their manifests' sizes, and with `verify` checksums."""
     selected = select(from_stage, only, to_stage)
     for name in force:
         select(name, None)
@@ -155,10 +114,12 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
         status = "FAILED"
         try:
             manifests: dict[str, Manifest] = {}
+            ran: set[str] = set()  # stages run in this pipeline run
+            verified: set[str] = set()  # committed stages whose files were checked in this pipeline run
             for spec in STAGES:
                 config, config_hash = _section_hash(cfg, spec)
                 if spec.name not in selected:
-                    existing = Manifest.read(run_dir, spec.folder)
+                    existing = read_manifest(run_dir, spec)
                     if existing is not None:
                         manifests[spec.name] = existing
                     continue
@@ -168,13 +129,20 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
                                         f"run them first (e.g. --from {missing[0]})")
                 inputs = {u: manifests[u].fingerprint for u in spec.upstream}
                 fingerprint = Manifest.fingerprint_of(spec.name, config_hash, inputs)
-                existing = Manifest.read(run_dir, spec.folder)
+                existing = read_manifest(run_dir, spec)
+                rerun_upstream = []
                 if existing is not None and existing.fingerprint == fingerprint and spec.name not in force:
-                    log.info("stage %s: committed and up to date, skipped", spec.name)
-                    manifests[spec.name] = existing
-                    outcomes.append(StageOutcome(spec.name, "skipped", existing, 0.0))
-                    continue
-                if existing is not None:  # stale or forced: uncommit before touching outputs
+                    rerun_upstream = changed_manifests(spec, existing, manifests, ran)
+                    if not rerun_upstream:
+                        check_outputs(run_dir, spec, existing, verify, f"stage {spec.name} (skipped)")
+                        verified.add(spec.name)
+                        log.info("stage %s: committed and up to date, skipped", spec.name)
+                        manifests[spec.name] = existing
+                        outcomes.append(StageOutcome(spec.name, "skipped", existing, 0.0))
+                        continue
+                    log.info("stage %s: upstream %s rerun just now", spec.name, ", ".join(rerun_upstream))
+                check_inputs(run_dir, spec, manifests, ran, verified, verify)
+                if existing is not None or spec.name in force:  # stale, or forced (a partial attempt too)
                     log.info("stage %s: %s, rerunning", spec.name,
                              "forced" if spec.name in force else "config or inputs changed")
                     run_dir.delete(spec.folder, MANIFEST)
@@ -183,6 +151,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
                                                   inputs, fingerprint, manifests)
                 outcomes.append(StageOutcome(spec.name, "ran", manifests[spec.name],
                                              manifests[spec.name].wall_seconds))
+                ran.add(spec.name)
             status = "FINISHED"
         finally:
             parent.finish(status)
@@ -216,7 +185,8 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
     manifest = Manifest(stage=spec.name, config=config, config_hash=config_hash, inputs=inputs,
                         fingerprint=fingerprint, outputs=result.outputs, counts=result.counts,
                         metrics=result.metrics, details=result.details, mlflow_run_id=child.run_id,
-                        wall_seconds=seconds)
+                        wall_seconds=seconds, files=record_outputs(run_dir, spec.folder),
+                        input_manifests={u: manifests[u].sha256 for u in spec.upstream})
     manifest.write(run_dir, spec.folder)
     child.log_dict(json.loads(json.dumps(asdict(manifest), default=str)), "manifest.json")
     child.finish("FINISHED")
@@ -240,7 +210,8 @@ def connect_ray(cfg: PipelineConfig, tracking_uri: str) -> None:
 
 
 def run_job(make_config: Callable[[], PipelineConfig], run_dir_location: str, from_stage: str | None = None,
-            only: str | None = None, to_stage: str | None = None, force: tuple[str, ...] = ()) -> int:
+            only: str | None = None, to_stage: str | None = None, force: tuple[str, ...] = (),
+            verify: bool = False) -> int:
     """What the job scripts share: config, input checks, Ray, the stages, the summary. A user's mistake
     (config, paths, missing inputs) prints one line and exits 2, before Ray starts where it can."""
     from pipeline.config import ConfigError
@@ -248,12 +219,14 @@ def run_job(make_config: Callable[[], PipelineConfig], run_dir_location: str, fr
     from pipeline.models.losses import PerceptualWeightsMissing
     from pipeline.stage import StageInputError
     from orchestration.report import print_summary
+    from pipeline.storage import check_run_dir
 
     try:
+        check_run_dir(run_dir_location)  # a file or an unwritable folder: one line, before anything reads it
         cfg = make_config()
         preflight(cfg, from_stage, only, to_stage)
         connect_ray(cfg, tracking.default_tracking_uri(run_dir_location))
-        outcomes = run_pipeline(cfg, run_dir_location, from_stage, only, force, to_stage)
+        outcomes = run_pipeline(cfg, run_dir_location, from_stage, only, force, to_stage, verify=verify)
     except (ConfigError, PipelineError, SourceError, PerceptualWeightsMissing, StageInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -116,6 +116,15 @@ def validate(spec: SweepSpec) -> list[dict[str, Any]]:
     return points
 
 
+def _resource_points(spec: SweepSpec, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every grid point with each random key at each of its choices or both ends of its range (where a swept
+    resource peaks)."""
+    keys = [k for k, (kind, _) in spec.space.items() if kind != "grid"]
+    options = [spec.space[k][1] if spec.space[k][0] == "choice" else [spec.space[k][1][0], spec.space[k][1][-1]]
+               for k in keys]
+    return [{**point, **dict(zip(keys, combo))} for point in points or [{}] for combo in itertools.product(*options)]
+
+
 def asha_max_steps(spec: SweepSpec, points: list[dict[str, Any]]) -> int:
     """The most steps any trial's ASHA stage trains for: ASHA's max_t."""
     stage, _ = interim_metric(spec.metric)
@@ -188,20 +197,97 @@ def _search_space(spec: SweepSpec) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in spec.space.items()}
 
 
-def trial_cpus(cfg: PipelineConfig, first_stage: str, last_stage: str) -> float:
-    """What one trial's busiest stage holds at once: Ray Train workers plus the read task feeding them,
-    which takes Ray Data's default of a whole CPU (two trials of 0.5-CPU workers on 2 cores left no
-    room for either read task and both hung)."""
-    needs = []
-    for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]:
-        section = getattr(cfg, name)
-        if hasattr(section, "resources"):
-            needs.append(section.resources.num_workers * section.resources.cpus_per_worker + 1.0)
-        elif hasattr(section, "cpus_per_actor"):
-            needs.append(section.actors * section.cpus_per_actor + getattr(section, "cpus_per_task", 0.5))
-        else:
-            needs.append(getattr(section, "cpus_per_task", 1.0))
-    return max(needs)
+# The trial's own process only waits on its stages, which request their resources themselves; Tune refuses
+# an empty request, so it holds a token CPU, which counts like any other.
+TRIAL_PROCESS_CPUS = 0.01
+
+
+def stage_resources(section) -> dict[str, float]:
+    """What one stage holds at once while it runs, so that none of its tasks can wait on a CPU that is not
+    there: Ray Train workers plus one Ray Data task feeding them (`resources.read_cpus`), or an actor pool plus
+    one task beside it (`cpus_per_task`). Ray Data reads default to a whole CPU; a stage that asks for more
+    than is left beside what is reserved waits forever (a sweep on 2 cores: 0.01 + 2 x 0.5 held, 1 wanted)."""
+    if hasattr(section, "resources"):
+        res = section.resources
+        need = {"CPU": res.num_workers * res.cpus_per_worker + res.read_cpus,
+                "GPU": float(res.num_workers) if res.use_gpu else 0.0,
+                "TPU": float(res.num_workers * res.tpu_chips_per_host) if res.tpu_hosts else 0.0}
+    elif hasattr(section, "cpus_per_actor"):
+        need = {"CPU": section.actors * section.cpus_per_actor + section.cpus_per_task,
+                "GPU": section.actors * section.gpus_per_actor}
+    else:
+        need = {"CPU": getattr(section, "cpus_per_task", 1.0)}
+    return {key: value for key, value in need.items() if value > 0}
+
+
+def _stage_formula(name: str, section) -> str:
+    if hasattr(section, "resources"):
+        res = section.resources
+        return (f"{name}: {res.num_workers} workers x {res.cpus_per_worker:g} CPU + {res.read_cpus:g} per read task "
+                f"(resources.read_cpus)" + (f", {res.num_workers} GPU" if res.use_gpu else ""))
+    if hasattr(section, "cpus_per_actor"):
+        return (f"{name}: {section.actors} actor(s) x {section.cpus_per_actor:g} CPU + {section.cpus_per_task:g} "
+                f"per task" + (f", {section.actors * section.gpus_per_actor:g} GPU" if section.gpus_per_actor else ""))
+    return f"{name}: {getattr(section, 'cpus_per_task', 1.0):g} CPU per task"
+
+
+def trial_resources(configs: list[PipelineConfig], first_stage: str,
+                    last_stage: str) -> tuple[dict[str, float], list[str]]:
+    """What one trial holds at its busiest, over every trial's config: per resource, the most any of its stages
+    holds (they run one after another), plus the trial's own token CPU. Also each stage's arithmetic."""
+    need: dict[str, float] = {}
+    formulas: dict[str, tuple[float, str]] = {}
+    for cfg in configs:
+        for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]:
+            section = getattr(cfg, name)
+            stage = stage_resources(section)
+            for key, value in stage.items():
+                need[key] = max(need.get(key, 0.0), value)
+            if stage.get("CPU", 0.0) >= formulas.get(name, (-1.0, ""))[0]:
+                formulas[name] = (stage.get("CPU", 0.0), _stage_formula(name, section))
+    need["CPU"] = round(need.get("CPU", 0.0) + TRIAL_PROCESS_CPUS, 6)
+    return need, [formula for _, formula in formulas.values()] + [f"the trial's process: {TRIAL_PROCESS_CPUS:g} CPU"]
+
+
+def cluster_capacity() -> tuple[dict[str, float], dict[str, float]]:
+    """(what the cluster has now, the most it can have): an autoscaling cluster's configured maximum where
+    Ray knows it (as Ray Train checks its worker group), else what it has now."""
+    import ray
+
+    now = {key: float(value) for key, value in ray.cluster_resources().items()}
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # private API: without it, what is there now is all we know
+        most = {}
+    return now, {key: max(now.get(key, 0.0), float(most.get(key, 0.0))) for key in {*now, *most}}
+
+
+def plan_concurrency(need: dict[str, float], formulas: list[str], now: dict[str, float], most: dict[str, float],
+                     max_concurrent: int | None) -> int:
+    """How many trials run at once so that every stage of each can always be scheduled: the cluster's
+    resources over one trial's need (`max_concurrent` if given). Refuses, naming what is missing, when even
+    one trial (or the `max_concurrent` asked for) cannot fit."""
+    def shortfall(trials: int) -> list[str]:
+        return [f"{key} {trials * value:g} (the cluster has {most.get(key, 0.0):g})"
+                for key, value in sorted(need.items()) if trials * value > most.get(key, 0.0) + 1e-9]
+
+    breakdown = "; ".join(formulas)
+    missing = shortfall(1)
+    if missing:
+        raise PipelineError(
+            f"one trial needs {', '.join(missing)} at once, so its stages could never all be scheduled and the "
+            f"sweep would hang: {breakdown}. Lower those settings (--set ...) or use a larger cluster")
+    if max_concurrent is not None:
+        if max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent {max_concurrent}: at least 1")
+        missing = shortfall(max_concurrent)
+        if missing:
+            raise PipelineError(f"--max-concurrent {max_concurrent}: that many trials need {', '.join(missing)} "
+                                f"at once ({breakdown} per trial); lower --max-concurrent")
+        return max_concurrent
+    return max(1, min(int(now.get(key, 0.0) / value + 1e-9) for key, value in need.items()))
 
 
 def sweep_tracking_uri(sweep_dir: str) -> str:
@@ -209,7 +295,6 @@ def sweep_tracking_uri(sweep_dir: str) -> str:
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str, Any]:
-    import ray
     from ray import tune
 
     root = Path(sweep_dir).resolve()
@@ -220,20 +305,20 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     spec.base = {**spec.base, "run": {**spec.base.get("run", {}), "experiment": f"sweep:{root}"}}
     base_cfg = build_config(spec.base, spec.extra_overrides)
 
+    # Every trial must fit the cluster with all of its stages, before any work (shared stages included).
+    need, formulas = trial_resources([trial_config(point, spec) for point in _resource_points(spec, points)],
+                                     spec.first_stage, spec.last_stage)
+    concurrency = plan_concurrency(need, formulas, *cluster_capacity(), spec.max_concurrent)
+
     # Shared upstream stages, once.
     first = STAGE_NAMES.index(spec.first_stage)
     if first > 0:
         run_pipeline(base_cfg, str(root / "base"), to_stage=STAGE_NAMES[first - 1])
 
     sweep_run = _sweep_run(root, tracking_uri, spec)
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    per_trial = trial_cpus(base_cfg, spec.first_stage, spec.last_stage)
-    concurrency = spec.max_concurrent or max(1, int(cluster_cpus // per_trial))
     param_space = {**_search_space(spec), "__spec": spec, "__root": str(root), "__tracking_uri": tracking_uri,
                    "__sweep_run_id": sweep_run.run_id}
-    # The trial's own process only waits on its stages, which request their resources themselves
-    # (Tune refuses an empty request, so it holds a token 0.01 CPU).
-    trainable = tune.with_resources(_trainable, {"cpu": 0.01})
+    trainable = tune.with_resources(_trainable, {"cpu": TRIAL_PROCESS_CPUS})
     scheduler = None
     if spec.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -262,7 +347,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     sweep_run.finish(status)
     if results.errors:
         raise PipelineError(f"{len(results.errors)} trial(s) failed: {results.errors[0]}")
-    return {"rows": rows, "concurrency": concurrency, "sweep_run_id": sweep_run.run_id, "root": str(root)}
+    return {"rows": rows, "concurrency": concurrency, "trial_resources": need, "sweep_run_id": sweep_run.run_id,
+            "root": str(root)}
 
 
 def _release_after_exit(actor, trial_dir: Path, deadline_s: float = 120.0) -> None:

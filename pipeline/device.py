@@ -85,7 +85,8 @@ class Backend:
 
 
 def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone: a resumed run draws as before
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     a @ b  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):

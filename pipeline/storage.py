@@ -6,12 +6,13 @@ temporary file and a rename, so a reader never sees half a commit.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -123,6 +124,10 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     wall_seconds: float = 0.0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relative name -> {"size", "sha256"}
+    input_manifests: dict[str, str] = field(default_factory=dict)  # upstream stage -> sha256 of its manifest file
+    # Not a field: the sha256 of the `_MANIFEST.json` bytes this manifest was read from or written as.
+    sha256 = None
 
     @staticmethod
     def fingerprint_of(stage: str, config_hash: str, inputs: dict[str, str]) -> str:
@@ -130,16 +135,33 @@ class Manifest:
 
     @classmethod
     def read(cls, run_dir: RunDir, folder: str) -> "Manifest | None":
+        """The committed manifest of a folder, None when there is none; a damaged one raises ManifestError."""
         if not run_dir.exists(folder, MANIFEST):
             return None
-        data = run_dir.read_json(folder, MANIFEST)
+        raw = run_dir.read_bytes(folder, MANIFEST)
+        where = f"{folder}/{MANIFEST} in {run_dir.location}"
+        try:
+            data = json.loads(raw)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise ManifestError(f"{where} is not valid JSON ({error}); the stage that writes {folder}/ "
+                                f"must be rerun", folder) from None
+        required = [name for name, f in cls.__dataclass_fields__.items()
+                    if f.default is MISSING and f.default_factory is MISSING]
+        if not isinstance(data, dict) or any(name not in data for name in required):
+            absent = [name for name in required if not isinstance(data, dict) or name not in data]
+            raise ManifestError(f"{where} is not a stage manifest (no {', '.join(absent)}); the stage that "
+                                f"writes {folder}/ must be rerun", folder)
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        manifest.sha256 = hashlib.sha256(raw).hexdigest()
+        return manifest
 
     def write(self, run_dir: RunDir, folder: str) -> None:
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.versions = self.versions or software_versions()
-        run_dir.write_json(asdict(self), folder, MANIFEST)
+        raw = json.dumps(asdict(self), indent=2, sort_keys=True, default=str).encode()  # as RunDir.write_json
+        run_dir.write_bytes(raw, folder, MANIFEST)
+        self.sha256 = hashlib.sha256(raw).hexdigest()
 
 
 def software_versions() -> dict[str, str]:
@@ -152,3 +174,33 @@ def software_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
+
+
+def check_run_dir(location: str) -> None:
+    """Before Ray starts: a local run directory must be a folder this user can write, or a path where one can
+    be created. Creates nothing; a URI (gs://, s3://) is not checked here. Raises a one-line ConfigError."""
+    from pipeline.config import ConfigError
+
+    if is_uri(location):
+        return
+    path = os.path.abspath(os.path.expanduser(location))
+    existing = path
+    while not os.path.lexists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if existing == path:
+        if not os.path.isdir(path):
+            raise ConfigError(f"run directory {path} is a file, not a folder; pass a folder to --run-dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"run directory {path} is not writable by this user")
+    elif not os.path.isdir(existing):
+        raise ConfigError(f"run directory {path} cannot be created: {existing} is a file, not a folder")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run directory {path} cannot be created: {existing} is not writable by this user")
+
+
+class ManifestError(ValueError):
+    """A `_MANIFEST.json` that cannot be read as a manifest (truncated, edited into invalid JSON)."""
+
+    def __init__(self, message: str, folder: str = ""):
+        super().__init__(message)
+        self.folder = folder

@@ -4,6 +4,10 @@ The driver indexes the source (headers and file names only), shuffles the index 
 seed and cuts it into shards, so which image lands in which shard is fixed before any pixel is read.
 Ray Data then writes the shards in parallel. Each finished shard leaves a small progress record, so a
 killed run resumes with exactly the shards it is missing and never duplicates a key.
+
+The plan is only the same on resume if the source is: the first attempt records the listing the index was
+built from (names, sizes, modification times) and its fingerprint, and a resume over a changed source is an
+error naming what changed (`--force ingest` starts over), never a mix of two plans.
 """
 from __future__ import annotations
 
@@ -19,15 +23,16 @@ import ray
 
 from pipeline.config import PipelineConfig
 from pipeline.data.shards import ShardStats, shard_name, write_shard
-from pipeline.data.sources import build_index, check_source
+from pipeline.data.sources import FILES_SCHEMA, SourceError, build_index, check_source, describe_changes
 from pipeline.stage import Progress, StageContext, StageResult
 
 PROGRESS = "_progress"
+SOURCE_LISTING = "source.arrow"  # in PROGRESS: the listing the first attempt indexed
 
 
-def _to_ipc(table: pa.Table) -> bytes:
+def _to_ipc(table: pa.Table, compression: str | None = None) -> bytes:
     sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
         writer.write_table(table)
     return sink.getvalue()
 
@@ -64,12 +69,19 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     total_indexed = {s: i.table.num_rows for s, i in index.splits.items()}
     log.info("indexed %s in %.1fs; %d classes", total_indexed, index_seconds, len(index.classes))
 
-    # A partial run of another configuration is not resumable: start clean.
+    # A partial run of another configuration is not resumable: start clean. One of this configuration
+    # over a source that has changed since is not resumable either, and not silently restartable.
+    source_fingerprint = index.fingerprint
     marker = run_dir.read_json(folder, PROGRESS, "fingerprint.json") if run_dir.exists(
         folder, PROGRESS, "fingerprint.json") else None
-    if marker is None or marker.get("fingerprint") != ctx.fingerprint:
+    if marker is not None and marker.get("fingerprint") == ctx.fingerprint and "source" in marker:
+        if marker["source"] != source_fingerprint:
+            raise SourceError(_source_changed(run_dir, folder, index, icfg))
+    else:
         run_dir.delete(folder)
-        run_dir.write_json({"fingerprint": ctx.fingerprint}, folder, PROGRESS, "fingerprint.json")
+        run_dir.write_bytes(_to_ipc(index.files, compression="zstd"), folder, PROGRESS, SOURCE_LISTING)
+        run_dir.write_json({"fingerprint": ctx.fingerprint, "source": source_fingerprint},
+                           folder, PROGRESS, "fingerprint.json")
 
     for split in index.splits:  # temporary files of shards whose writer was killed
         for name in run_dir.list(folder, split):
@@ -130,6 +142,12 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         if written + counts[split]["skipped"] != planned[split]:
             raise RuntimeError(f"{split}: {written} written + {counts[split]['skipped']} skipped != "
                                f"{planned[split]} planned; shards are incomplete")
+        if written == 0:
+            why = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+            examples = ", ".join(x["origin"] for s in stats for x in s.skipped[:3])[:300]
+            raise SourceError(f"split '{split}' has no valid image: 0 written, {counts[split]['skipped']} skipped "
+                              f"({why}; e.g. {examples}) of {planned[split]} planned, "
+                              f"{counts[split]['ignored_files']} files ignored; nothing was committed")
 
     run_dir.write_json({str(i): c for i, c in enumerate(index.classes)}, folder, "classes.json")
     run_dir.delete(folder, PROGRESS)
@@ -152,4 +170,16 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
                  "resolution": icfg.resolution},
         counts=counts, metrics=metrics,
         details={"skipped": skipped, "ignored": {s: i.ignored for s, i in index.splits.items()},
-                 "num_classes": len(index.classes)})
+                 "num_classes": len(index.classes), "source_fingerprint": source_fingerprint})
+
+
+def _source_changed(run_dir, folder: str, index, icfg) -> str:
+    """The error for a resume over a source that changed since the first attempt, naming what changed."""
+    if run_dir.exists(folder, PROGRESS, SOURCE_LISTING):
+        recorded = _from_ipc(run_dir.read_bytes(folder, PROGRESS, SOURCE_LISTING))
+        changes = describe_changes(recorded.cast(FILES_SCHEMA), index.files)
+    else:
+        changes = "the listing of the first attempt is missing"
+    return (f"the {icfg.source} source at {icfg.resolved_root()} changed since this ingest started, so its "
+            f"written shards and a new plan would mix: {changes}. Restore the source to resume, or rerun "
+            "with --force ingest to start over from the source as it is now")

@@ -30,6 +30,7 @@ from pipeline.metrics.codebook import CodebookUsage
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.stage import Progress, StageContext, StageInputError, StageResult
+from pipeline.output_records import check_recorded
 from pipeline.storage import Manifest, RunDir, local_folder
 
 PROGRESS, STAGING = "_progress", "_staging"
@@ -88,7 +89,12 @@ def check_inputs(cfg: PipelineConfig, ctx: StageContext) -> tuple[dict, str]:
         raise PretokenizeError(f"{tokenizer_folder}/{SETTINGS_FILE} does not match the tokenizer config ({details})")
     if settings["codebook_size"] > INT16_MAX + 1:
         raise PretokenizeError(f"codebook size {settings['codebook_size']} does not fit int16 codes")
-    return settings, file_sha256(ctx.run_dir.read_bytes(tokenizer_folder, WEIGHTS_FILE))[:16]
+    digest = file_sha256(ctx.run_dir.read_bytes(tokenizer_folder, WEIGHTS_FILE))
+    damaged = check_recorded(tokenizer, tokenizer_folder, WEIGHTS_FILE, digest)  # read whole anyway: cheap
+    if damaged:
+        raise PretokenizeError(f"{damaged}: the weights changed since; rerun the tokenizer "
+                               f"(--from tokenizer --force tokenizer)")
+    return settings, digest[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,8 +169,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     from stages.training import train_and_export
 
     tcfg = cfg.tokenizer
-    datasets = {"train": shard_dataset(ctx, "train").select_columns(["image"]),
-                "val": shard_dataset(ctx, held_out_split(ctx)).select_columns(["image"])}
+    read = tcfg.resources.read_cpus  # what a sweep trial counts beside its workers (orchestration/sweep.py)
+    datasets = {split: shard_dataset(ctx, name, read_cpus=read).select_columns(["image"], num_cpus=read)
+                for split, name in (("train", "train"), ("val", held_out_split(ctx)))}
     ctx.tracker.set_tags({"vim.perceptual_loss": "on" if tcfg.perceptual_weight > 0 else "off",
                           "vim.adversarial_loss": "on" if tcfg.adversarial_weight > 0 else "off"})
     settings = tcfg.model_settings()

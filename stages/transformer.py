@@ -168,9 +168,11 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     files = {split: [ctx.uri_of("pretokenize", name) for name in names]
              for split, names in codes.outputs["codes"].items()}
     val_split = "val" if files.get("val") else "train"
-    train = ray.data.read_parquet(files["train"]).map_batches(with_image_ids, batch_format="pyarrow")
-    val = (ray.data.read_parquet(files[val_split]).filter(lambda row: row["view"] == 0)
-           .map_batches(with_image_ids, batch_format="pyarrow"))
+    read = tcfg.resources.read_cpus  # what a sweep trial counts beside its workers (orchestration/sweep.py)
+    train = (ray.data.read_parquet(files["train"], num_cpus=read)
+             .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
+    val = (ray.data.read_parquet(files[val_split], num_cpus=read).filter(lambda row: row["view"] == 0, num_cpus=read)
+           .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
     settings = tcfg.model_settings(
         vocab_size=codes.outputs["codebook_size"], grid=tuple(codes.outputs["grid"]),
         num_classes=int(ingest.details.get("num_classes", 0)))

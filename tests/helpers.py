@@ -23,16 +23,21 @@ PRETOKENIZE_TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=64", "
                     "pretokenize.batch_size=64", "pretokenize.cpus_per_actor=0.5", "pretokenize.cpus_per_task=0.5"]
 
 
-def checkpoint_registered(stage_folder: Path) -> bool:
-    """True once the Train controller has registered a checkpoint (its snapshot names one). A worker
-    killed between a checkpoint's upload and its registration rightly restarts from scratch."""
+def registered_checkpoint_step(stage_folder: Path) -> int:
+    """The step of the latest checkpoint the Train controller has registered (its snapshot names it), 0 if
+    none. A worker killed between a checkpoint's upload and its registration rightly restarts before it."""
+    latest = 0
     for snapshot in (stage_folder / "checkpoints").glob("*/checkpoint_manager_snapshot.json"):
         try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
+            result = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
         except (OSError, ValueError):  # being rewritten
-            pass
-    return False
+            continue
+        latest = max(latest, int(result.get("metrics", {}).get("step", 0)))
+    return latest
+
+
+def checkpoint_registered(stage_folder: Path) -> bool:
+    return registered_checkpoint_step(stage_folder) > 0
 
 
 def wait_for_checkpoint(stage_folder: Path, timeout: float = 300) -> None:
@@ -52,6 +57,24 @@ def kill_a_train_worker_after_checkpoint(stage_folder: Path, started: float, kil
             process.send_signal(signal.SIGKILL)
             killed.append(process.pid)
             return
+
+
+def latest_by_step(run_dir: Path, run_id: str, key: str) -> dict[int, float]:
+    """A metric's last value logged at each step: after a resume, the resumed run's value."""
+    history = MlflowClient(default_tracking_uri(str(run_dir))).get_metric_history(run_id, key)
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+
+
+def assert_resume_follows_uninterrupted(resumed_run: Path, reference_run: Path, folder: str, key: str) -> None:
+    """The steps logged after the last resume carry the values an uninterrupted run logged at those steps."""
+    resumed, reference = (Manifest.read(RunDir(str(run)), folder) for run in (resumed_run, reference_run))
+    resume_step = max(latest_by_step(resumed_run, resumed.mlflow_run_id, "resumed_from_step").values())
+    after = latest_by_step(resumed_run, resumed.mlflow_run_id, key)
+    expected = latest_by_step(reference_run, reference.mlflow_run_id, key)
+    steps = [step for step in sorted(after) if step > resume_step]
+    assert steps, f"nothing logged after the resume at step {resume_step}"
+    got, want = [after[step] for step in steps], [expected[step] for step in steps]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-7), list(zip(steps, got, want))
 
 
 def check_evaluation(run_dir: Path, per_class: int = 4, side: int = 16, tokens: int = 16) -> None:

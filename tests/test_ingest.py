@@ -17,7 +17,9 @@ from pipeline.config import build_config
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
-from orchestration.runner import PipelineError, RunLock, run_pipeline
+from orchestration.errors import PipelineError
+from orchestration.run_lock import RunLock
+from orchestration.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +161,69 @@ def test_missing_vgg_weights_stop_the_job_before_ray(tmp_path):
                             capture_output=True, text=True,
                             env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "TORCH_HOME": str(tmp_path)})
     assert result.returncode == 2 and "tokenizer.perceptual_weight=0" in result.stderr
+
+
+def _folder_cfg(root: Path, **extra):
+    return build_config({"ingest": {"source": "image_folder", "root": str(root), "splits": {"train": "train"},
+                                    "resolution": 16, "image_format": "png", "shard_size": 4,
+                                    "cpus_per_task": 0.5, **extra}})
+
+
+def _make_folder(root: Path, classes=("a", "b", "c"), per_class=8) -> Path:
+    from imagegen import picture, png
+
+    for n, cls in enumerate(classes):
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / "train" / cls / f"{cls}{i}.png").write_bytes(png(picture(100 * n + i, (20, 20))))
+    return root
+
+
+def test_resume_after_the_source_changed_is_an_error_not_a_mix(ray_cluster, tmp_path, monkeypatch):
+    from pipeline.data.sources import SourceError
+    from pipeline.stage import Progress
+
+    source = _make_folder(tmp_path / "src")
+    run_dir = tmp_path / "run"
+    real_update, calls = Progress.update, []
+
+    def killed_after_two_shards(self, *args, **kwargs):  # the driver dies with 2 shards recorded
+        calls.append(1)
+        real_update(self, *args, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Progress, "update", killed_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_folder_cfg(source), str(run_dir), only="ingest")
+    monkeypatch.setattr(Progress, "update", real_update)
+    assert len(list((run_dir / "shards" / "_progress").glob("train-*.json"))) == 2
+
+    (source / "train" / "b" / "b3.png").unlink()  # the source changes between the attempts
+    with pytest.raises(SourceError, match="changed") as error:
+        run_pipeline(_folder_cfg(source), str(run_dir), only="ingest")
+    assert "b/b3.png" in str(error.value) and "removed" in str(error.value) and "--force" in str(error.value)
+    assert not (run_dir / "shards" / "_MANIFEST.json").exists()
+
+    # --force ingest: a clean restart on the new source, every image exactly once.
+    outcomes = run_pipeline(_folder_cfg(source), str(run_dir), only="ingest", force=("ingest",))
+    assert outcomes[0].status == "ran"
+    keys = [s["key"] for u in list_shards(str(run_dir / "shards" / "train")) for s in iter_samples(u, False)]
+    expected = sorted(f"{c}_{c}{i}" for c in "abc" for i in range(8) if f"{c}{i}" != "b3")
+    assert sorted(keys) == expected
+    manifest = Manifest.read(RunDir(str(run_dir)), "shards")
+    assert manifest.counts["train"]["images"] == 23 and manifest.details["source_fingerprint"]
+
+
+def test_a_split_with_no_valid_image_is_an_error(ray_cluster, tmp_path):
+    from pipeline.data.sources import SourceError
+
+    (tmp_path / "src" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "cat" / "corrupt.jpg").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "src" / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SourceError, match="train") as error:
+        run_pipeline(_folder_cfg(tmp_path / "src"), str(run_dir), only="ingest")
+    text = str(error.value)
+    assert "no valid image" in text and "2 skipped" in text and "empty" in text and "not_an_image" in text
+    assert not (run_dir / "shards" / "_MANIFEST.json").exists()

@@ -11,6 +11,9 @@ TINY = ["--set", "ingest.max_images_per_split=60", "--set", "ingest.shard_size=3
 def test_run_stage_reuses_the_stored_config(ray_cluster, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert run_stage.main(["ingest", "--run-dir", run_dir]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "run").exists()  # refused, not made
+    (tmp_path / "run").mkdir()
+    assert run_stage.main(["ingest", "--run-dir", run_dir]) == 2
     assert "no stored config" in capsys.readouterr().err
 
     assert full_pipeline.main(["--config", "configs/demo.yaml", "--run-dir", run_dir, "--only", "ingest"] + TINY) == 0

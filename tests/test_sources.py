@@ -104,3 +104,76 @@ def test_fashion_mnist_from_the_debian_package():
     row = index.splits["val"].table.slice(5, 1).to_pylist()[0]
     image = SampleReader().read(row["kind"], row["path"], row["offset"], row["size"])
     assert image.size == (28, 28)
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=2):
+    from imagegen import picture, png
+
+    for n, cls in enumerate(classes):
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / "train" / cls / f"img{i}.png").write_bytes(png(picture(10 * n + i, (8, 8))))
+    return root
+
+
+def test_symlink_loops_and_dangling_links_are_reported_not_followed(tmp_path):
+    _image_folder(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "extra.png").write_bytes((tmp_path / "train" / "cat" / "img0.png").read_bytes())
+    (tmp_path / "train" / "cat" / "loop").symlink_to(tmp_path / "train" / "cat")  # a loop
+    (tmp_path / "train" / "dog" / "up").symlink_to(tmp_path / "train")  # a loop through the split
+    (tmp_path / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # dangling
+    (tmp_path / "train" / "dog" / "more").symlink_to(outside)  # followed, once
+    (tmp_path / "train" / "dog" / "more2").symlink_to(outside)  # the same folder again
+    (tmp_path / "train" / "dog" / "again.png").symlink_to(tmp_path / "train" / "dog" / "img0.png")
+    index = build_index(_cfg(source="image_folder", root=str(tmp_path), splits={"train": "train"}))
+    table = index.splits["train"].table
+    origins = sorted(table.column("origin").to_pylist())
+    assert origins == ["cat/img0.png", "cat/img1.png", "dog/img0.png", "dog/img1.png", "dog/more/extra.png"]
+    assert max(len(k) for k in table.column("key").to_pylist()) < 40
+    ignored = " | ".join(index.splits["train"].ignored)
+    for name, why in (("cat/loop", "loop"), ("dog/up", "loop"), ("dog/gone.png", "dangling"),
+                      ("dog/more2", "already"), ("dog/again.png", "already")):
+        assert f"{name} " in ignored and why in ignored.split(f"{name} ", 1)[1].split(" | ")[0], (name, ignored)
+
+
+def test_hidden_class_folders_are_not_classes(tmp_path):
+    _image_folder(tmp_path)
+    (tmp_path / "train" / ".hidden_cls").mkdir()
+    (tmp_path / "train" / ".hidden_cls" / "x.png").write_bytes((tmp_path / "train" / "cat" / "img0.png").read_bytes())
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "cat" / "v.png").write_bytes(b"x")
+    (tmp_path / "val" / ".cache").mkdir()
+    (tmp_path / "val" / ".cache" / "v.png").write_bytes(b"x")
+    index = build_index(_cfg(source="image_folder", root=str(tmp_path)))
+    assert [c["wnid"] for c in index.classes] == ["cat", "dog"]
+    assert sorted(index.splits["train"].table.column("label").to_pylist()) == [0, 0, 1, 1]
+    assert any(i.startswith(".hidden_cls") for i in index.splits["train"].ignored)
+    assert index.splits["val"].table.column("label").to_pylist() == [0]
+
+
+def test_empty_val_folder_is_reported_as_empty(tmp_path):
+    _image_folder(tmp_path)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(SourceError, match="split 'val' .* is empty") as error:
+        build_index(_cfg(source="image_folder", root=str(tmp_path)))
+    assert "val_labels" not in str(error.value)
+
+
+def test_source_listing_names_what_changed(tmp_path):
+    from pipeline.data.sources import describe_changes
+
+    _image_folder(tmp_path)
+    cfg = _cfg(source="image_folder", root=str(tmp_path), splits={"train": "train"})
+    before = build_index(cfg)
+    assert build_index(cfg).fingerprint == before.fingerprint
+    (tmp_path / "train" / "cat" / "img1.png").unlink()
+    (tmp_path / "train" / "dog" / "img0.png").write_bytes(b"changed")
+    (tmp_path / "train" / "dog" / "new.png").write_bytes(b"new")
+    after = build_index(cfg)
+    assert after.fingerprint != before.fingerprint
+    text = describe_changes(before.files, after.files)
+    assert "removed" in text and "cat/img1.png" in text
+    assert "added" in text and "dog/new.png" in text
+    assert "modified" in text and "dog/img0.png" in text

@@ -9,7 +9,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from orchestration.sweep import SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
+from orchestration.runner import PipelineError
+from orchestration.sweep import (SweepSpec, parse_search, plan_concurrency, run_sweep, sweep_tracking_uri,
+                                  trial_config, trial_resources, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["ingest.max_images_per_split=96", "ingest.shard_size=48", "ingest.resolution=16",
@@ -40,6 +42,33 @@ def test_bad_sweeps_are_refused_before_any_work():
     spec.scheduler = "asha"  # final-only metric: nothing to stop on while trials train
     with pytest.raises(ConfigError, match="tokenizer.val_psnr"):
         validate(spec)
+
+
+def test_a_trial_reserves_its_read_tasks_and_sweeps_that_cannot_fit_are_refused():
+    # The demo tokenizer on 2 cores: 2 workers x 0.5 + a 0.5-CPU read task + the trial's 0.01. Ray Data's
+    # default read (1 CPU) beside 1.01 held never ran: the sweep hung (issue #22).
+    spec = _spec()
+    need, formulas = trial_resources([trial_config({}, spec)], "tokenizer", "tokenizer")
+    assert need == {"CPU": 0.5 + 0.5 + 0.01}  # TINY: one worker
+    assert plan_concurrency(need, formulas, {"CPU": 2.0}, {"CPU": 2.0}, None) == 1
+    assert plan_concurrency(need, formulas, {"CPU": 4.0}, {"CPU": 4.0}, None) == 3
+    with pytest.raises(PipelineError, match=r"--max-concurrent 2: .*CPU 2.02 \(the cluster has 2\)"):
+        plan_concurrency(need, formulas, {"CPU": 2.0}, {"CPU": 2.0}, 2)
+    # A trial through pretokenize (1.5-CPU actor + 0.5 task + 0.01) can never fit 2 CPUs: refused, named.
+    spec = SweepSpec(base=_spec().base, space=dict([parse_search("grid", "tokenizer.codebook_dim=8,32")]),
+                     last_stage="pretokenize")
+    need, formulas = trial_resources([trial_config({"tokenizer.codebook_dim": 8}, spec)], "tokenizer", "pretokenize")
+    assert need["CPU"] == 2.01
+    with pytest.raises(PipelineError, match=r"one trial needs CPU 2.01 \(the cluster has 2\).*pretokenize: 1 actor"):
+        plan_concurrency(need, formulas, {"CPU": 2.0}, {"CPU": 2.0}, None)
+    # An autoscaling cluster's configured maximum counts: one GPU trial may wait for its nodes.
+    gpu = {"num_workers": 2, "use_gpu": True}
+    spec.base = {**spec.base, "tokenizer": {**spec.base["tokenizer"], "resources": gpu}}
+    need, formulas = trial_resources([trial_config({}, spec)], "tokenizer", "tokenizer")
+    assert need == {"CPU": 1.51, "GPU": 2.0}
+    assert plan_concurrency(need, formulas, {"CPU": 8.0}, {"CPU": 40.0, "GPU": 8.0}, None) == 1
+    with pytest.raises(PipelineError, match="GPU 2"):
+        plan_concurrency(need, formulas, {"CPU": 8.0}, {"CPU": 8.0}, None)
 
 
 def test_three_trial_sweep_shares_ingest_and_reports_to_mlflow(ray_cluster, tmp_path):

@@ -169,7 +169,7 @@ def test_the_config_builds_the_tokenizer_settings_by_field_name():
 
 @pytest.mark.parametrize("overrides", [
     ["tokenizer.codebook_dim=4"], ["tokenizer.codebook_dim=8"], ["tokenizer.codebook_dim=32"],
-    ["tokenizer.codebook_dim=256"], ["tokenizer.codebook_dim=32", "tokenizer.l2_normalize=false"],
+    ["tokenizer.codebook_dim=128", "tokenizer.encoder=mini"], ["tokenizer.codebook_dim=32", "tokenizer.l2_normalize=false"],
     ["tokenizer.codebook_dim=null", "tokenizer.l2_normalize=false"], ["tokenizer.ema=true"],
     ["tokenizer.output_head=linear", "tokenizer.logit_laplace_weight=0"]])
 def test_codebook_ablations_come_from_config_alone(overrides):

@@ -1,6 +1,8 @@
 """The tokenizer stage on a real local Ray: 2 CPU workers, checkpoints, a killed worker resumes at the
-checkpointed step, and the exported files load on their own. A stopped driver (`ray job stop`, then the
+checkpointed step and then trains exactly as an uninterrupted run does, and the exported files load on
+their own. A stopped driver (`ray job stop`, then the
 same submission) is tested with the whole pipeline in test_job_submit.py."""
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import kill_a_train_worker_after_checkpoint
+from helpers import assert_resume_follows_uninterrupted, kill_a_train_worker_after_checkpoint
 from pipeline.config import load_config
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
@@ -58,3 +60,10 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_cluster, tmp_path):
     manifest = _check_finished(run_dir)
     resumed = _history(run_dir, manifest.mlflow_run_id, "resumed_from_step")
     assert resumed and all(m.value % 10 == 0 and 10 <= m.value < 160 for m in resumed), [m.value for m in resumed]
+
+    # The same configuration without a kill, on the same shards, logs the same losses after the resume.
+    reference = tmp_path / "reference"
+    shutil.copytree(run_dir / "shards", reference / "shards")
+    run_pipeline(cfg, str(reference), only="tokenizer")
+    for key in ("train_loss", "train_l2", "grad_norm"):
+        assert_resume_follows_uninterrupted(run_dir, reference, "tokenizer", key)

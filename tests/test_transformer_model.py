@@ -161,8 +161,7 @@ def test_flops_accounting_is_the_6n_rule():
 def test_size_names_match_the_size_tables():
     from typing import get_args
 
-    from pipeline.models.settings import VIM_SIZE_NAMES, VIT_SIZE_NAMES
-    from pipeline.models.vit import VIT_SIZES
+    from pipeline.models.settings import VIM_SIZE_NAMES, VIT_SIZE_NAMES, VIT_SIZES
 
     assert set(get_args(VIM_SIZE_NAMES)) == set(VIM_SIZES)
     assert set(get_args(VIT_SIZE_NAMES)) == set(VIT_SIZES)

@@ -1,5 +1,6 @@
 """The Transformer stage on a real local Ray: 2 CPU workers over the Parquet codes of a tiny run; a killed
-worker resumes at its checkpointed step, every logging step is present, the export loads on its own."""
+worker resumes at its checkpointed step and then trains exactly as an uninterrupted run does, every logging
+step is present, the export loads on its own. `ray job stop` and a killed driver: tests/test_job_submit.py."""
 import math
 import shutil
 import threading
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import PRETOKENIZE_TINY, kill_a_train_worker_after_checkpoint
+from helpers import PRETOKENIZE_TINY, assert_resume_follows_uninterrupted, kill_a_train_worker_after_checkpoint
 from pipeline.config import load_config
 from pipeline.models.transformer import load_transformer
 from pipeline.storage import Manifest, RunDir
@@ -25,10 +26,14 @@ TINY = PRETOKENIZE_TINY + [
     "transformer.resources.cpus_per_worker=0.5"]
 
 
-def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp_path):
-    run_dir = tmp_path / "run"
+def _copy_upstream(coded_run: Path, run_dir: Path) -> None:
     for folder in ("shards", "tokenizer", "codes"):
         shutil.copytree(coded_run / folder, run_dir / folder, ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    _copy_upstream(coded_run, run_dir)
     cfg = load_config(ROOT / "configs" / "demo.yaml", TINY)
     killed, started = [], time.time()
 
@@ -60,3 +65,10 @@ def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp
     assert model(tokens, torch.tensor([1, model.settings.null_class])).shape == (2, 16, 64)
     # Committed and current: the same command skips it.
     assert run_pipeline(cfg, str(run_dir), only="transformer")[0].status == "skipped"
+
+    # The same configuration without a kill logs the same losses after the resume.
+    reference = tmp_path / "reference"
+    _copy_upstream(coded_run, reference)
+    run_pipeline(cfg, str(reference), only="transformer")
+    for key in ("train_loss_nats", "grad_norm", "val_loss_nats"):
+        assert_resume_follows_uninterrupted(run_dir, reference, "transformer", key)

@@ -5,12 +5,19 @@ An index is a compact table (key, label, kind, path, offset, size, origin); `loa
 back into bytes or a PIL image. Tars are indexed by their headers alone and read by byte range, so
 ImageNet is never extracted to disk. Problems with the source itself (missing path, no images, a label
 file that does not match) raise `SourceError` before any shard is written.
+
+Folders are listed with symbolic links followed once by real path: a link back into the tree (a loop), a
+dangling link and a second way to a folder or file already listed are reported in `ignored`, never indexed
+twice. Hidden files and folders are never images and never classes. The index also carries a listing of
+the files it was built from (names, sizes, modification times) and its fingerprint, so a stage can tell
+that the source changed under it.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -38,16 +45,51 @@ class SourceError(ValueError):
     """The source cannot be ingested as configured (raised before any work)."""
 
 
+# What an index was built from: (role: a split or a label file, name, size, modification time in ns).
+FILES_SCHEMA = pa.schema([("role", pa.string()), ("name", pa.string()), ("size", pa.int64()),
+                          ("mtime_ns", pa.int64())])
+
+
 @dataclass
 class SplitIndex:
     table: pa.Table
-    ignored: list[str] = field(default_factory=list)  # hidden files and the like, never images
+    ignored: list[str] = field(default_factory=list)  # hidden files, link loops and the like, never images
 
 
 @dataclass
 class SourceIndex:
     classes: list[dict[str, str]]  # position = label; {"wnid": ..., "name": ...}
     splits: dict[str, SplitIndex]
+    files: pa.Table = field(default_factory=FILES_SCHEMA.empty_table)  # sorted by (role, name)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the listing (names, sizes, modification times): equal listings, equal fingerprints."""
+        digest = hashlib.sha256()
+        for row in zip(*(self.files.column(c).to_pylist() for c in FILES_SCHEMA.names)):
+            digest.update(("\t".join(map(str, row)) + "\n").encode())
+        return digest.hexdigest()
+
+
+def describe_changes(before: pa.Table, after: pa.Table, limit: int = 5) -> str:
+    """What differs between two listings (`SourceIndex.files`), in words: removed, added, modified."""
+    def rows(table: pa.Table) -> dict[tuple[str, str], tuple[int, int]]:
+        columns = [table.column(c).to_pylist() for c in FILES_SCHEMA.names]
+        return {(r, n): (s, m) for r, n, s, m in zip(*columns)}
+
+    old, new = rows(before), rows(after)
+    parts = []
+    for what, names in (("removed", sorted(old.keys() - new.keys())), ("added", sorted(new.keys() - old.keys())),
+                        ("modified", sorted(k for k in old.keys() & new.keys() if old[k] != new[k]))):
+        if names:
+            shown = ", ".join(f"{role}: {name}" for role, name in names[:limit])
+            parts.append(f"{len(names)} {what} ({shown}{', ...' if len(names) > limit else ''})")
+    return "; ".join(parts) or "the listings differ in order only"
+
+
+def _files_table(rows: list[tuple[str, str, int, int]]) -> pa.Table:
+    rows = sorted(rows)
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(FILES_SCHEMA.names)}, schema=FILES_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,57 +234,150 @@ def _apply_labels(stems: list[str], labels: dict[str, str], class_ids: list[str]
 # Folder sources
 
 
-def _list_files(location: str) -> list[pafs.FileInfo]:
-    fs, path = open_fs(location)
-    return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if i.type == pafs.FileType.File]
+@dataclass
+class _File:
+    rel: str  # relative to the listed folder, '/'-separated (through a followed link: the link's name)
+    path: str  # what to open: a local path or a URI
+    size: int
+    mtime_ns: int
 
 
-def _index_class_folders(location: str, class_ids: list[str] | None, split: str) -> tuple[list[str], dict]:
-    """`<split>/<class>/<image>` -> (class ids, columns). Files at any depth below a class count."""
-    _, root = open_fs(location)
-    files = _list_files(location)
-    found = sorted({os.path.relpath(i.path, root).split(os.sep)[0] for i in files
-                    if os.sep in os.path.relpath(i.path, root)})
+def _stamp(location: str) -> tuple[int, int]:
+    info = _info(location)
+    return int(info.size or 0), int(info.mtime_ns or 0)
+
+
+def _list_files(location: str) -> tuple[list[_File], list[str]]:
+    """Every file below a folder, sorted by relative name -> (files, ignored). Hidden files and folders
+    are ignored; local symbolic links are followed once by real path (see `_walk_local`)."""
+    if not is_uri(location):
+        return _walk_local(open_fs(location)[1])
+    fs, root = open_fs(location)
+    files, ignored = [], []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda i: i.path):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root):].strip("/")
+        if any(_is_hidden(p) for p in rel.split("/")):
+            ignored.append(rel)
+            continue
+        files.append(_File(rel, _join(location, rel), int(info.size or 0), int(info.mtime_ns or 0)))
+    return files, ignored
+
+
+def _walk_local(root: str) -> tuple[list[_File], list[str]]:
+    """List a local folder, following symbolic links once by real path.
+
+    The folder's own tree is walked first, so a real folder or file always wins over a link to it. Then
+    links to folders are followed, each real folder once: a link to a folder that holds the link (a loop),
+    a link to a folder already listed, a link to a file already listed and a dangling link are reported in
+    `ignored` as '<name> (<why>)'."""
+    ignored: list[str] = []
+    seen_dirs: dict[str, str] = {os.path.realpath(root): "."}
+    candidates: list[tuple[str, str, str, bool]] = []  # (rel, path, real path, through a link to a file)
+    pending: list[tuple[str, str, str, str]] = []  # folder links: (rel, path, real target, real folder holding it)
+
+    def walk(folder: str, rel_folder: str, real_folder: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            ignored.append(f"{rel_folder or '.'} (unreadable: {error.strerror})")
+            return
+        for entry in entries:
+            rel = f"{rel_folder}/{entry.name}" if rel_folder else entry.name
+            if _is_hidden(entry.name):
+                ignored.append(rel + ("/" if entry.is_dir() else ""))
+                continue
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if not os.path.exists(target):
+                    ignored.append(f"{rel} (dangling link to {os.readlink(entry.path)})")
+                elif os.path.isdir(target):
+                    pending.append((rel, entry.path, target, real_folder))
+                elif os.path.isfile(target):
+                    candidates.append((rel, entry.path, target, True))
+                else:
+                    ignored.append(f"{rel} (link to something that is not a file)")
+            elif entry.is_dir(follow_symlinks=False):
+                real = os.path.join(real_folder, entry.name)
+                if real in seen_dirs:  # reached again below a followed link
+                    ignored.append(f"{rel} (folder already listed as {seen_dirs[real]})")
+                    continue
+                seen_dirs[real] = rel
+                walk(entry.path, rel, real)
+            elif entry.is_file(follow_symlinks=False):
+                candidates.append((rel, entry.path, os.path.join(real_folder, entry.name), False))
+            else:
+                ignored.append(f"{rel} (not a regular file)")
+
+    walk(root, "", os.path.realpath(root))
+    while pending:
+        rel, path, target, holder = pending.pop(0)
+        if holder == target or holder.startswith(target.rstrip(os.sep) + os.sep):
+            ignored.append(f"{rel} (symlink loop: links to {seen_dirs.get(target, target)}, which holds it)")
+        elif target in seen_dirs:
+            ignored.append(f"{rel} (link to a folder already listed as {seen_dirs[target]})")
+        else:
+            seen_dirs[target] = rel
+            walk(path, rel, target)
+
+    files: list[_File] = []
+    seen_files: dict[str, str] = {}
+    for rel, path, real, linked in sorted(candidates, key=lambda c: (c[3], c[0])):  # real files first
+        if real in seen_files:
+            ignored.append(f"{rel} (link to a file already listed as {seen_files[real]})")
+            continue
+        seen_files[real] = rel
+        stat = os.stat(path)
+        files.append(_File(rel, path, stat.st_size, stat.st_mtime_ns))
+    return sorted(files, key=lambda f: f.rel), sorted(ignored)
+
+
+def _listed(location: str, split: str) -> tuple[list[_File], list[str]]:
+    """The files of a split folder; an error naming the split when none is left to index."""
+    files, ignored = _list_files(location)
+    if not files:
+        what = f"; ignored: {', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}" if ignored else ""
+        raise SourceError(f"split '{split}' at {location} is empty: it holds no files{what}")
+    return files, ignored
+
+
+def _index_class_folders(location: str, class_ids: list[str] | None, split: str,
+                         listing: tuple[list[_File], list[str]] | None = None) -> tuple[list[str], dict]:
+    """`<split>/<class>/<image>` -> (class ids, columns). Files at any depth below a class count; hidden
+    folders are not classes."""
+    files, ignored = listing or _listed(location, split)
+    found = sorted({f.rel.split("/")[0] for f in files if "/" in f.rel})
     class_ids = class_ids if class_ids is not None else found
     position = {c: n for n, c in enumerate(class_ids)}
     strangers = sorted(set(found) - set(position))
     if strangers:
         raise SourceError(f"split '{split}' at {location} has class folders {strangers[:5]} that the train "
                           "split does not have")
-    columns: dict[str, list] = {"key": [], "label": [], "path": [], "origin": []}
-    ignored = []
-    for info in sorted(files, key=lambda i: i.path):
-        rel = os.path.relpath(info.path, root)
-        parts = rel.split(os.sep)
-        if len(parts) < 2 or any(_is_hidden(p) for p in parts):
-            ignored.append(rel)
+    columns: dict[str, list] = {"key": [], "label": [], "path": [], "origin": [], "files": []}
+    ignored = list(ignored)
+    for f in files:
+        parts = f.rel.split("/")
+        if len(parts) < 2:
+            ignored.append(f"{f.rel} (not in a class folder)")
             continue
-        stem = os.path.splitext(os.path.join(*parts[1:]))[0]
+        stem = os.path.splitext("/".join(parts[1:]))[0]
         columns["key"].append(make_key(parts[0], stem))
         columns["label"].append(position[parts[0]])
-        columns["path"].append(_join(location, rel) if is_uri(location) else info.path)
-        columns["origin"].append(rel)
+        columns["path"].append(f.path)
+        columns["origin"].append(f.rel)
+        columns["files"].append((split, f.rel, f.size, f.mtime_ns))
     columns["ignored"] = ignored
     return class_ids, columns
 
 
-def _index_flat_folder(location: str, labels: dict[str, str], class_ids: list[str], split: str) -> dict:
-    _, root = open_fs(location)
-    files = sorted((i for i in _list_files(location)), key=lambda i: i.path)
-    ignored = [os.path.relpath(i.path, root) for i in files if _is_hidden(i.base_name)]
-    files = [i for i in files if not _is_hidden(i.base_name)]
-    stems = [os.path.splitext(i.base_name)[0] for i in files]
+def _index_flat_folder(location: str, labels: dict[str, str], class_ids: list[str], split: str,
+                       listing: tuple[list[_File], list[str]] | None = None) -> dict:
+    files, ignored = listing or _listed(location, split)
+    stems = [os.path.splitext(f.rel.rsplit("/", 1)[-1])[0] for f in files]
     return {"key": [make_key(s) for s in stems], "label": _apply_labels(stems, labels, class_ids, split),
-            "path": [_join(location, os.path.relpath(i.path, root)) if is_uri(location) else i.path
-                     for i in files],
-            "origin": [os.path.relpath(i.path, root) for i in files], "ignored": ignored}
-
-
-def _has_class_folders(location: str) -> bool:
-    fs, path = open_fs(location)
-    return any(i.type == pafs.FileType.Directory and not _is_hidden(i.base_name)
-               for i in fs.get_file_info(pafs.FileSelector(path)))
+            "path": [f.path for f in files], "origin": [f.rel for f in files], "ignored": list(ignored),
+            "files": [(split, f.rel, f.size, f.mtime_ns) for f in files]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +507,7 @@ def build_index(cfg: IngestConfig) -> SourceIndex:
     root = cfg.resolved_root()
     split_locations = {split: _join(root, rel) for split, rel in cfg.resolved_splits().items()}
     names = _synset_names(cfg.synsets)
+    listing: list[tuple[str, str, int, int]] = _label_files(cfg)
 
     if cfg.source == "fashion_mnist":
         classes = [{"wnid": str(i), "name": n} for i, n in enumerate(FASHION_MNIST_CLASSES)]
@@ -388,7 +524,9 @@ def build_index(cfg: IngestConfig) -> SourceIndex:
                        "label": labels.astype(np.int32).tolist(),
                        "origin": [f"{prefix}[{i}]" for i in range(count)]}
             splits[split] = SplitIndex(_table(columns, "idx", images_loc, offsets=list(range(count))))
-        return SourceIndex(classes, splits)
+            for location in (images_loc, _idx_file(root, prefix, "labels-idx1-ubyte")):
+                listing.append((split, location, *_stamp(location)))
+        return SourceIndex(classes, splits, _files_table(listing))
 
     splits: dict[str, SplitIndex] = {}
     if cfg.source == "imagenet_tar":
@@ -397,6 +535,7 @@ def build_index(cfg: IngestConfig) -> SourceIndex:
         columns["label"] = [position[w] for w in columns["wnid"]]
         splits["train"] = SplitIndex(_table(columns, "range", _fs_path(split_locations["train"]),
                                             columns["offset"], columns["size"]), columns["ignored"])
+        listing.append(("train", split_locations["train"], *_stamp(split_locations["train"])))
         if "val" in split_locations:
             labels, devkit_names = read_val_labels(_needs_labels(cfg))
             names = {**devkit_names, **names}
@@ -405,24 +544,45 @@ def build_index(cfg: IngestConfig) -> SourceIndex:
                        "label": _apply_labels(flat["stem"], labels, class_ids, "val")}
             splits["val"] = SplitIndex(_table(columns, "range", _fs_path(split_locations["val"]),
                                               flat["offset"], flat["size"]), flat["ignored"])
+            listing.append(("val", split_locations["val"], *_stamp(split_locations["val"])))
     else:  # image_folder, imagenet_folder
         class_ids, columns = _index_class_folders(split_locations["train"], None, "train")
         splits["train"] = SplitIndex(_table(columns, "file", columns["path"]), columns["ignored"])
+        listing.extend(columns["files"])
         if "val" in split_locations:
             val = split_locations["val"]
-            if _has_class_folders(val):
-                _, columns = _index_class_folders(val, class_ids, "val")
+            files = _listed(val, "val")  # an empty folder is empty, not flat
+            if any("/" in f.rel for f in files[0]):
+                _, columns = _index_class_folders(val, class_ids, "val", files)
             else:
                 labels, devkit_names = read_val_labels(_needs_labels(cfg))
                 names = {**devkit_names, **names}
-                columns = _index_flat_folder(val, labels, class_ids, "val")
+                columns = _index_flat_folder(val, labels, class_ids, "val", files)
             splits["val"] = SplitIndex(_table(columns, "file", columns["path"]), columns["ignored"])
+            listing.extend(columns["files"])
 
     for split, index in splits.items():
         if index.table.num_rows == 0:
-            raise SourceError(f"split '{split}' at {split_locations[split]} holds no files")
+            ignored = index.ignored
+            what = f"; ignored: {', '.join(ignored[:5])}{', ...' if len(ignored) > 5 else ''}" if ignored else ""
+            raise SourceError(f"split '{split}' at {split_locations[split]} is empty: it holds no files{what}")
     classes = [{"wnid": c, "name": names.get(c, c)} for c in class_ids]
-    return SourceIndex(classes, splits)
+    return SourceIndex(classes, splits, _files_table(listing))
+
+
+def _label_files(cfg: IngestConfig) -> list[tuple[str, str, int, int]]:
+    """The label and name files the index reads, for its listing (a devkit folder: its two files)."""
+    rows = []
+    for role, location in (("val_labels", cfg.val_labels), ("synsets", cfg.synsets)):
+        if not location:
+            continue
+        if _info(location).type == pafs.FileType.Directory:
+            for name in ("ILSVRC2012_validation_ground_truth.txt", "meta.mat"):
+                part = _join(_join(location, "data"), name)
+                rows.append((role, part, *_stamp(part)))
+        else:
+            rows.append((role, location, *_stamp(location)))
+    return rows
 
 
 def _fs_path(location: str) -> str:

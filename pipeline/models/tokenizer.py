@@ -14,8 +14,8 @@ from torch import nn
 from pipeline.models.io import load_model, save_model
 from pipeline.models.losses import from_laplace_space
 from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
-from pipeline.models.settings import TokenizerSettings
-from pipeline.models.vit import VIT_SIZES, ViTDecoder, ViTEncoder, init_weights
+from pipeline.models.settings import VIT_SIZES, TokenizerSettings
+from pipeline.models.vit import ViTDecoder, ViTEncoder, init_weights
 
 
 class ViTVQGAN(nn.Module):

@@ -6,29 +6,12 @@ Linear -> tanh -> Linear output head whose hidden width is the block MLP width.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ViTSize:
-    depth: int
-    dim: int
-    heads: int
-    mlp_dim: int
-
-
-# Paper Table 2 (S, B, L) plus small presets for CPU runs.
-VIT_SIZES: dict[str, ViTSize] = {
-    "tiny": ViTSize(depth=2, dim=64, heads=4, mlp_dim=128),
-    "mini": ViTSize(depth=4, dim=128, heads=4, mlp_dim=256),
-    "S": ViTSize(depth=8, dim=512, heads=8, mlp_dim=2048),
-    "B": ViTSize(depth=12, dim=768, heads=12, mlp_dim=3072),
-    "L": ViTSize(depth=32, dim=1280, heads=16, mlp_dim=5120),
-}
+from pipeline.models.settings import ViTSize
 
 
 def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:

@@ -61,10 +61,20 @@ class Setup:
         return {"threads": max(1, round(self.ecfg.cpus_per_actor)), "use_gpu": self.ecfg.gpus_per_actor > 0}
 
 
+def in_order(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """The dataset, executed with Ray Data's `preserve_order`: rows arrive in input order (shards in the
+    manifest's order, rows in file order), actor pools included. A `limit(n)` in it then takes the same first
+    n rows on every run, whatever the task timing, and batches are made of the same rows. The setting lives
+    in the context the dataset shares with the datasets it was derived from, not in the global one."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
 def collect(dataset: ray.data.Dataset) -> dict[str, np.ndarray]:
-    """A whole dataset on the driver, one concatenated array per column."""
+    """A whole dataset on the driver, one concatenated array per column, rows in input order (`in_order`):
+    every subset (`limit`) and row order the evaluation uses is a function of the config and the inputs."""
     parts: dict[str, list] = {}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in in_order(dataset).iter_batches(batch_size=None, batch_format="numpy"):
         for key, value in batch.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}

@@ -43,13 +43,18 @@ def domain_classifier(ctx: StageContext, setup: Setup) -> tuple[dict, dict]:
     """Train (or reuse, per ingest fingerprint) the small CNN; returns its state and val accuracy."""
     ecfg, image_size = setup.ecfg, setup.image_size
     ingest = ctx.inputs["ingest"]
-    key = (f"domain-{ingest.fingerprint}-{ecfg.domain_train_images}-{ecfg.domain_epochs}-{ecfg.domain_width}-"
-           f"{image_size}.pt")
+    # Everything the classifier depends on is in the key: the seed too, or a cache from another seed would
+    # answer; "first" names the subset (the first images in shard order; caches of older, timing-dependent
+    # subsets are not reused).
+    key = (f"domain-{ingest.fingerprint}-first{ecfg.domain_train_images}-{ecfg.domain_epochs}-{ecfg.domain_width}-"
+           f"{image_size}-seed{ecfg.seed}.pt")
     if ctx.run_dir.exists(CACHE, key):
         stored = torch.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, key)), weights_only=True)
         return stored["state"], stored["info"]
     num_classes = int(ingest.details.get("num_classes", 0))
     read_cpus = ecfg.cpus_per_task
+    # The first images of each split in shard order (ingest shuffled them into shards by its seed), read in
+    # order (`collect`): the same images in the same order on every run.
     train = collect(shard_dataset(ctx, "train", read_cpus=read_cpus).limit(ecfg.domain_train_images))
     val = collect(shard_dataset(ctx, setup.val_split, read_cpus=read_cpus).limit(DOMAIN_VAL_IMAGES))
 

@@ -29,6 +29,8 @@ def probe(ctx: StageContext, setup: Setup) -> PartResult:
         result.metrics[f"probe_top1_block_{block}"] = top1
     best = int(np.argmax(accuracies))
     result.metrics.update({"probe_top1_best": accuracies[best], "probe_best_block": float(blocks[best])})
+    # The first probe images of each split in shard order, read in order (`collect`): the plain-view code rows
+    # above are in the same order (pretokenize writes them in shard order), so the baseline sees the same images.
     pixel_train = collect(shard_dataset(ctx, "train", read_cpus=ecfg.cpus_per_task).limit(ecfg.probe_train_images))
     pixel_val = collect(shard_dataset(ctx, val_split, read_cpus=ecfg.cpus_per_task).limit(ecfg.probe_val_images))
     (train_pixels, val_pixels), pixel_note = pixel_vectors(pixel_train["image"], pixel_val["image"])
@@ -60,7 +62,7 @@ def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[
                                                (val_split, ecfg.probe_val_images))):
         files = [ctx.uri_of("pretokenize", name) for name in code_files[split]]
         plain = collect(ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
-            expr="view == 0").limit(limit))
+            expr="view == 0").limit(limit))  # the first `limit` plain rows in file order (`collect` keeps order)
         rows["codes"].extend(codes_matrix(plain["codes"]))
         rows["label"].extend(plain["label"].tolist())
         rows["split"].extend([split_id] * len(plain["label"]))

@@ -1,7 +1,7 @@
 """Part 2, reconstruction: real val images (the reference set) and their tokenizer reconstructions through
 the feature extractors: PSNR, SSIM, codebook usage, rFID (domain, and Inception when available), and a
 grid of originals over reconstructions. Domain features are cheap and cover the whole reference set;
-Inception runs on a capped prefix of it."""
+Inception runs on a capped prefix of it. Every subset is a prefix in shard order, read in order (`collect`)."""
 from __future__ import annotations
 
 import io
@@ -38,6 +38,8 @@ class Reconstruction(PartResult):
 def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Reconstruction:
     ecfg, split = setup.ecfg, setup.val_split
     clock = Stopwatch()
+    # The reference set is the first `reference_images` val images in shard order and the reconstructions its
+    # first `recon_images`: `collect` reads in order, so both are the same images on every run.
     val_ds = shard_dataset(ctx, split, read_cpus=ecfg.cpus_per_task)
     real_ds = val_ds.limit(max(ecfg.recon_images, ecfg.reference_images)) if ecfg.reference_images else val_ds
     real = collect(real_ds.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
@@ -76,7 +78,8 @@ def reference_inception(ctx: StageContext, setup: Setup, nets: FeatureNetworks, 
     of their reconstructions (per run: the tokenizer changes). Writes the reference to the stage folder."""
     split = setup.val_split
     inception_name = Path(nets.inception_path).name
-    cache_key = f"ref-inception-{ctx.inputs['ingest'].fingerprint}-{split}-{cap}-{inception_name}.npz"
+    # "first": the first `cap` images in shard order (caches of older, timing-dependent subsets are not reused)
+    cache_key = f"ref-inception-{ctx.inputs['ingest'].fingerprint}-{split}-first{cap}-{inception_name}.npz"
     cached = ctx.run_dir.exists(CACHE, cache_key)
     features = collect(val_ds.limit(cap).map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
         ctx, setup, nets, parts=[] if cached else ["inception"], recon_parts=["inception"], keep_images=False),

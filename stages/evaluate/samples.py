@@ -84,6 +84,7 @@ def draw_samples(ctx: StageContext, setup: Setup, nets: FeatureNetworks,
         **{**setup.pool, "batch_size": 1})  # a chunk per call: each chunk carries its own seed
     drawn = collect(sampled.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
         ctx, setup, nets, parts=["domain"], recon_parts=None, keep_images=True), **setup.pool))
+    # `collect` keeps the chunks' order, so "stable" means the same order on every run (ties in rejection too).
     order = np.lexsort((np.arange(len(drawn["label"])), drawn["label"]))
     return {k: v[order] for k, v in drawn.items()}, draw
 
