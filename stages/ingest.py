@@ -69,40 +69,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     total_indexed = {s: i.table.num_rows for s, i in index.splits.items()}
     log.info("indexed %s in %.1fs; %d classes", total_indexed, index_seconds, len(index.classes))
 
-    # A partial run of another configuration is not resumable: start clean. One of this configuration
-    # over a source that has changed since is not resumable either, and not silently restartable.
-    source_fingerprint = index.fingerprint
-    marker = run_dir.read_json(folder, PROGRESS, "fingerprint.json") if run_dir.exists(
-        folder, PROGRESS, "fingerprint.json") else None
-    if marker is not None and marker.get("fingerprint") == ctx.fingerprint and "source" in marker:
-        if marker["source"] != source_fingerprint:
-            raise SourceError(_source_changed(run_dir, folder, index, icfg))
-    else:
-        run_dir.delete(folder)
-        run_dir.write_bytes(_to_ipc(index.files, compression="zstd"), folder, PROGRESS, SOURCE_LISTING)
-        run_dir.write_json({"fingerprint": ctx.fingerprint, "source": source_fingerprint},
-                           folder, PROGRESS, "fingerprint.json")
-
-    for split in index.splits:  # temporary files of shards whose writer was killed
-        for name in run_dir.list(folder, split):
-            if ".tmp-" in name:
-                run_dir.delete(folder, split, name)
-
-    done: dict[tuple[str, int], ShardStats] = {}
-    todo: list[dict] = []
-    planned: dict[str, int] = {}
-    images_to_write = 0
-    for split, split_index in index.splits.items():
-        shards = plan_shards(split_index.table, icfg.seed, icfg.shard_size, icfg.max_images_per_split)
-        planned[split] = sum(s.num_rows for s in shards)
-        for number, rows in enumerate(shards):
-            record = (folder, PROGRESS, f"{split}-{number:06d}.json")
-            if run_dir.exists(*record) and run_dir.exists(folder, split, shard_name(number)):
-                done[(split, number)] = ShardStats(**run_dir.read_json(*record))
-                continue
-            images_to_write += rows.num_rows
-            todo.append({"split": split, "shard": number, "rows": _to_ipc(rows),
-                         "location": run_dir.uri(folder, split, shard_name(number))})
+    _start_or_resume(ctx, index)
+    done, todo, planned = _plan(ctx, index)
+    images_to_write = sum(item["images"] for item in todo)
     if done:
         log.info("resuming: %d shards already written, %d to go", len(done), len(todo))
 
@@ -121,7 +90,74 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
             progress.update(stats.count + len(stats.skipped), f"shard {stats.split}/{stats.shard}")
     write_seconds = time.perf_counter() - write_started
 
-    # Summaries for the manifest, from every shard (written now or in an earlier attempt).
+    counts, skipped, shard_files = _summaries(index, done, planned, total_indexed)
+    run_dir.write_json({str(i): c for i, c in enumerate(index.classes)}, folder, "classes.json")
+    run_dir.delete(folder, PROGRESS)
+    written_now = progress.done
+    total_images = sum(c["images"] for c in counts.values())
+    metrics = {
+        "images_total": float(total_images),
+        "skipped_total": float(sum(c["skipped"] for c in counts.values())),
+        "index_seconds": index_seconds,
+        "write_seconds": write_seconds,
+        "images_per_second": written_now / write_seconds if written_now and write_seconds > 0 else 0.0,
+    }
+    for split, c in counts.items():
+        metrics[f"{split}_images"] = float(c["images"])
+        metrics[f"{split}_skipped"] = float(c["skipped"])
+    log.info("wrote %d images (%d skipped) at %.1f images/s", total_images, metrics["skipped_total"],
+             metrics["images_per_second"])
+    return StageResult(
+        outputs={"classes": "classes.json", "shards": shard_files, "image_format": icfg.image_format,
+                 "resolution": icfg.resolution},
+        counts=counts, metrics=metrics,
+        details={"skipped": skipped, "ignored": {s: i.ignored for s, i in index.splits.items()},
+                 "num_classes": len(index.classes), "source_fingerprint": index.fingerprint})
+
+
+def _start_or_resume(ctx: StageContext, index) -> None:
+    """A partial run of another configuration is not resumable: start clean, recording the source. One of
+    this configuration over a source that changed since is not resumable either, and not silently restarted."""
+    run_dir, folder, icfg = ctx.run_dir, ctx.folder, ctx.cfg.ingest
+    marker = run_dir.read_json(folder, PROGRESS, "fingerprint.json") if run_dir.exists(
+        folder, PROGRESS, "fingerprint.json") else None
+    if marker is not None and marker.get("fingerprint") == ctx.fingerprint and "source" in marker:
+        if marker["source"] != index.fingerprint:
+            raise SourceError(_source_changed(run_dir, folder, index, icfg))
+    else:
+        run_dir.delete(folder)
+        run_dir.write_bytes(_to_ipc(index.files, compression="zstd"), folder, PROGRESS, SOURCE_LISTING)
+        run_dir.write_json({"fingerprint": ctx.fingerprint, "source": index.fingerprint},
+                           folder, PROGRESS, "fingerprint.json")
+    for split in index.splits:  # temporary files of shards whose writer was killed
+        for name in run_dir.list(folder, split):
+            if ".tmp-" in name:
+                run_dir.delete(folder, split, name)
+
+
+def _plan(ctx: StageContext, index) -> tuple[dict[tuple[str, int], ShardStats], list[dict], dict[str, int]]:
+    """(shards an earlier attempt finished, shards to write, images planned per split)."""
+    run_dir, folder, icfg = ctx.run_dir, ctx.folder, ctx.cfg.ingest
+    done: dict[tuple[str, int], ShardStats] = {}
+    todo: list[dict] = []
+    planned: dict[str, int] = {}
+    for split, split_index in index.splits.items():
+        shards = plan_shards(split_index.table, icfg.seed, icfg.shard_size, icfg.max_images_per_split)
+        planned[split] = sum(s.num_rows for s in shards)
+        for number, rows in enumerate(shards):
+            record = (folder, PROGRESS, f"{split}-{number:06d}.json")
+            if run_dir.exists(*record) and run_dir.exists(folder, split, shard_name(number)):
+                done[(split, number)] = ShardStats(**run_dir.read_json(*record))
+                continue
+            todo.append({"split": split, "shard": number, "rows": _to_ipc(rows), "images": rows.num_rows,
+                         "location": run_dir.uri(folder, split, shard_name(number))})
+    return done, todo, planned
+
+
+def _summaries(index, done: dict[tuple[str, int], ShardStats], planned: dict[str, int],
+               total_indexed: dict[str, int]) -> tuple[dict[str, dict], list[dict], dict[str, list[str]]]:
+    """Counts, skipped files and shard names per split for the manifest, from every shard (written now or in
+    an earlier attempt); an incomplete split, or one without a valid image, is an error."""
     counts: dict[str, dict] = {}
     skipped: list[dict] = []
     shard_files: dict[str, list[str]] = {}
@@ -148,29 +184,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
             raise SourceError(f"split '{split}' has no valid image: 0 written, {counts[split]['skipped']} skipped "
                               f"({why}; e.g. {examples}) of {planned[split]} planned, "
                               f"{counts[split]['ignored_files']} files ignored; nothing was committed")
-
-    run_dir.write_json({str(i): c for i, c in enumerate(index.classes)}, folder, "classes.json")
-    run_dir.delete(folder, PROGRESS)
-    written_now = progress.done
-    total_images = sum(c["images"] for c in counts.values())
-    metrics = {
-        "images_total": float(total_images),
-        "skipped_total": float(sum(c["skipped"] for c in counts.values())),
-        "index_seconds": index_seconds,
-        "write_seconds": write_seconds,
-        "images_per_second": written_now / write_seconds if written_now and write_seconds > 0 else 0.0,
-    }
-    for split, c in counts.items():
-        metrics[f"{split}_images"] = float(c["images"])
-        metrics[f"{split}_skipped"] = float(c["skipped"])
-    log.info("wrote %d images (%d skipped) at %.1f images/s", total_images, metrics["skipped_total"],
-             metrics["images_per_second"])
-    return StageResult(
-        outputs={"classes": "classes.json", "shards": shard_files, "image_format": icfg.image_format,
-                 "resolution": icfg.resolution},
-        counts=counts, metrics=metrics,
-        details={"skipped": skipped, "ignored": {s: i.ignored for s, i in index.splits.items()},
-                 "num_classes": len(index.classes), "source_fingerprint": source_fingerprint})
+    return counts, skipped, shard_files
 
 
 def _source_changed(run_dir, folder: str, index, icfg) -> str:

@@ -74,3 +74,11 @@ def ray_job(head: dict, *args: str) -> subprocess.CompletedProcess:
 def job_status(head: dict, job_id: str) -> str:
     with urllib.request.urlopen(f"{head['dashboard']}/api/jobs/{job_id}", timeout=10) as response:
         return json.loads(response.read())["status"]
+
+
+def stop_job(head: dict, job_id: str) -> None:
+    """`ray job stop`'s own request to the dashboard, sent without the seconds a `ray` CLI takes to start on
+    2 cores, so that the stop lands inside the stage the test waited for."""
+    request = urllib.request.Request(f"{head['dashboard']}/api/jobs/{job_id}/stop", method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert json.loads(response.read()).get("stopped"), f"job {job_id} was not stopped"

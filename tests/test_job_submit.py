@@ -17,16 +17,18 @@ from helpers import PRETOKENIZE_TINY, check_evaluation, checkpoint_registered, r
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
-from job_head import job_status, ray_job, ray_head  # noqa: F401 (ray_head: the fixture)
+from job_head import job_status, ray_head, ray_job, stop_job  # noqa: F401 (ray_head: the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Many small shards and pieces and a checkpoint every 10 steps, so each stop lands inside its stage.
 TINY = PRETOKENIZE_TINY + [
     "ingest.max_images_per_split=1000", "ingest.shard_size=20", "tokenizer.steps=60",
     "tokenizer.checkpoint_every=10", "pretokenize.piece_images=20",  # a piece per shard: the stop lands mid-stage
-    "transformer.size=pico", "transformer.steps=30", "transformer.batch_size=32", "transformer.lr=3e-3",
-    "transformer.checkpoint_every=5", "transformer.log_every=5",
-    "transformer.warmup_steps=2", "transformer.label_dropout=0.1", "transformer.val_images=64",
+    "pretokenize.batch_size=10",  # many small actor calls: pretokenize lasts long enough for a stop to land in it
+    "transformer.size=pico", "transformer.steps=400", "transformer.batch_size=32", "transformer.lr=3e-3",
+    "transformer.checkpoint_every=40", "transformer.log_every=40",  # a stop and a later kill land mid-stage
+    "transformer.warmup_steps=2", "transformer.decay_start=200", "transformer.label_dropout=0.1",
+    "transformer.val_images=64",
     "transformer.resources.num_workers=1",
     "evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.5", "evaluate.recon_images=64",
     "evaluate.reference_images=256", "evaluate.inception_images=8", "evaluate.domain_train_images=256",
@@ -58,8 +60,7 @@ def _submit_and_stop_when(head: dict, run_dir: Path, job_id: str, reached, what:
         for driver in drivers:
             driver.send_signal(signal.SIGKILL)
     else:
-        stopped = ray_job(head, "stop", job_id)
-        assert stopped.returncode == 0, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+        stop_job(head, job_id)
     deadline = time.time() + 120
     while job_status(head, job_id) not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.time() < deadline, f"job {job_id} did not stop"
@@ -127,11 +128,12 @@ def test_a_pipeline_stopped_in_four_stages_finishes_like_an_uninterrupted_one(ra
     # Transformer: resumed after the stop and after the driver kill, each time from a checkpoint, and every
     # logged step is there.
     transformer = Manifest.read(RunDir(str(run_dir)), "transformer")
-    assert transformer.counts["steps"] == 30
+    assert transformer.counts["steps"] == 400
     resumed = sorted(m.value for m in client.get_metric_history(transformer.mlflow_run_id, "resumed_from_step"))
-    assert len(resumed) >= 2 and all(v % 5 == 0 and 5 <= v < 30 for v in resumed) and resumed[0] < resumed[-1], resumed
+    assert len(resumed) >= 2 and all(v % 40 == 0 and 40 <= v < 400 for v in resumed) and resumed[0] < resumed[-1], \
+        resumed
     logged = sorted({m.step for m in client.get_metric_history(transformer.mlflow_run_id, "train_loss_nats")})
-    assert logged == list(range(5, 31, 5))
+    assert logged == list(range(40, 401, 40))
 
     # Codes: every (key, view) of the shards exactly once.
     codes = Manifest.read(RunDir(str(run_dir)), "codes")
