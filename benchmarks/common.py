@@ -65,8 +65,10 @@ class PeakMemory:
 
 
 def write_report(path: str | None, name: str, results: dict) -> dict:
+    from pipeline.tracking import git_commit
+
     report = {"benchmark": name, "command": " ".join([sys.executable, *sys.argv]), "machine": machine(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
+              "commit": git_commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
     text = json.dumps(report, indent=2)
     print(text)
     if path:

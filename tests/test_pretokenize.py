@@ -97,12 +97,14 @@ def test_killed_run_resumes_to_the_same_rows(coded_run, ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
     _copy_upstream(coded_run, run_dir)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(_job(run_dir, ray_cluster, "--only", "pretokenize"), env=env,
+    # Small pieces and batches (runtime-only: the same rows) so that the stage outlasts its first piece by far.
+    small_pieces = ["--only", "pretokenize", "--set", "pretokenize.piece_images=16", "--set", "pretokenize.batch_size=8"]
+    process = subprocess.Popen(_job(run_dir, ray_cluster, *small_pieces), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_piece = run_dir / "codes" / "_progress" / "train-00000.json"
     deadline = time.time() + 240
     while not first_piece.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert first_piece.exists(), "the first piece was never recorded"
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -110,7 +112,7 @@ def test_killed_run_resumes_to_the_same_rows(coded_run, ray_cluster, tmp_path):
 
     from jobs.full_pipeline import main
 
-    assert main(_job(run_dir, ray_cluster, "--only", "pretokenize")[2:]) == 0
+    assert main(_job(run_dir, ray_cluster, *small_pieces)[2:]) == 0
     for split in ("train", "val"):
         assert _rows(run_dir, split) == _rows(coded_run, split)
 
