@@ -15,7 +15,8 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 from pipeline.config import PipelineConfig, build_config, load_config
 from pipeline.storage import is_uri
 from stages import STAGE_NAMES
-from orchestration.runner import PipelineError, run_job, stored_config
+from orchestration.errors import PipelineError
+from orchestration.runner import run_job, stored_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,18 +6,20 @@
 
 Search: --grid (every value), --choice (random pick), --uniform / --loguniform LOW,HIGH; random keys draw
 --num-samples times per grid point. --scheduler asha stops trials early on a metric the training stages
-log as they go (tokenizer.val_psnr, transformer.val_bits_per_token, transformer.val_loss_nats), by step. Stages before the first swept one run once and are shared. Re-running
-the same command resumes a killed sweep. Writes comparison.csv/.md and one plot per swept key.
+log as they go (tokenizer.val_psnr, transformer.val_bits_per_token, transformer.val_loss_nats), by step.
+Stages before the first swept one run once and are shared. Re-running the same command resumes a killed sweep. Writes comparison.csv/.md and one plot per swept key.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import _bootstrap  # noqa: F401  (puts the project on sys.path)
-import yaml
 
-from pipeline.config import ConfigError, build_config
+from pipeline.config import ConfigError, build_config, load_yaml_file
+from pipeline.storage import check_run_dir
 from stages import STAGE_NAMES
-from orchestration.runner import PipelineError, connect_ray
+from orchestration.errors import PipelineError
+from orchestration.runner import connect_ray
 from orchestration.sweep import SCHEDULERS, SEARCH_KINDS, SweepSpec, parse_search, run_sweep, sweep_tracking_uri, validate
 
 
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         space = dict(parse_search(kind, text) for kind in SEARCH_KINDS for text in getattr(args, kind))
         if not space:
             raise ConfigError("nothing to sweep: give at least one --grid/--choice/--uniform/--loguniform")
-        base = (yaml.safe_load(open(args.config).read()) or {}) if args.config else {}
+        check_run_dir(args.sweep_dir)
+        if args.config and not Path(args.config).is_file():
+            raise ConfigError(f"config file not found: {args.config}")
+        base = (load_yaml_file(args.config) or {}) if args.config else {}
         spec = SweepSpec(base=base, space=space, last_stage=args.last_stage, metric=args.metric, mode=args.mode,
                          num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                          extra_overrides=args.overrides, scheduler=args.scheduler, grace_period=args.grace_period,

@@ -29,7 +29,8 @@ import yaml
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
 from stages import STAGE_NAMES, STAGES
-from orchestration.runner import PipelineError, run_pipeline
+from orchestration.errors import PipelineError
+from orchestration.runner import run_pipeline
 from orchestration.trial_progress import StageMetricWatcher, interim_metric, release_stopped_trial, run_while_watching
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")

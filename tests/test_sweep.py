@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
-from orchestration.runner import PipelineError
+from orchestration.errors import PipelineError
 from orchestration.sweep import (SweepSpec, parse_search, plan_concurrency, run_sweep, sweep_tracking_uri,
                                   trial_config, trial_resources, validate)
 
