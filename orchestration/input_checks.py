@@ -56,9 +56,10 @@ def check_inputs(run_dir: RunDir, spec: StageSpec, manifests: dict[str, Manifest
     """Before a stage runs: its upstream stages' committed files (sizes; sha256 with `checksums`) and that
     their manifests are the ones their own consumers read."""
     for upstream in spec.upstream:
-        if upstream not in ran:
-            changed_manifests(spec_of(upstream), manifests[upstream], manifests, ran)
-        if upstream not in ran and upstream not in verified:
+        if upstream in ran:  # written in this pipeline run: nothing to check
+            continue
+        changed_manifests(spec_of(upstream), manifests[upstream], manifests, ran)
+        if upstream not in verified:
             check_outputs(run_dir, spec_of(upstream), manifests[upstream], checksums,
-                           f"stage {spec.name} reads damaged input")
+                          f"stage {spec.name} reads damaged input")
             verified.add(upstream)

@@ -8,7 +8,7 @@ import socket
 import time
 
 from orchestration.errors import PipelineError
-from pipeline.storage import RunDir
+from pipeline.storage import TEMPORARY_MARK, RunDir
 
 log = logging.getLogger("vim.pipeline")
 LOCK = "_LOCK.json"
@@ -83,7 +83,7 @@ class RunLock:
 
     def _take_local(self) -> None:
         path = self.run_dir.path(LOCK)
-        temp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        temp = f"{path}{TEMPORARY_MARK}{os.getpid()}-{os.urandom(4).hex()}"
         with open(temp, "w") as f:
             json.dump(self.me, f)
             f.flush()
@@ -124,7 +124,7 @@ class RunLock:
         self.run_dir.write_json(self.me, LOCK)
         time.sleep(self.BUCKET_SETTLE_S)  # a starter racing us has written by now: the last write stays
         holder = self.run_dir.read_json(LOCK) if self.run_dir.exists(LOCK) else None
-        if holder != json.loads(json.dumps(self.me)):
+        if holder != self.me:
             raise PipelineError(f"run directory {self.run_dir.location} was locked just now by another "
                                 f"pipeline (pid {(holder or {}).get('pid')} on {(holder or {}).get('host')})")
 
@@ -137,7 +137,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         """Deletes the lock only while it is still this one's (not one taken over after a manual delete)."""
-        mine = json.loads(json.dumps(self.me))
+        mine = self.me
         if self.run_dir.is_local:
             try:
                 if self._read_local(self.run_dir.path(LOCK)) == mine:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, check_stage_consistency
 from pipeline.stage import StageContext, StageResult, StageSpec
 from orchestration.errors import PipelineError
 from orchestration.input_checks import changed_manifests, check_inputs, check_outputs, read_manifest
@@ -51,11 +51,10 @@ def select(from_stage: str | None, only: str | None, to_stage: str | None = None
 def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
               to_stage: str | None = None) -> None:
     """Each selected stage's cheap input checks, so bad paths fail before Ray starts."""
-    from pipeline.config import check_stage_consistency
-
-    check_stage_consistency(cfg, select(from_stage, only, to_stage))  # settings the selected stages share
+    selected = select(from_stage, only, to_stage)
+    check_stage_consistency(cfg, selected)  # settings the selected stages share
     for spec in STAGES:
-        if spec.name in select(from_stage, only, to_stage):
+        if spec.name in selected:
             module = importlib.import_module(spec.entry.split(":")[0])
             if hasattr(module, "preflight"):
                 module.preflight(cfg)
@@ -198,13 +197,12 @@ def connect_ray(cfg: PipelineConfig, tracking_uri: str) -> None:
     """Attach to the cluster (RAY_ADDRESS under `ray job submit`) or start a local one."""
     import ray
 
+    from stages.training import worker_environment
+
     if ray.is_initialized():
         return
-    env = {"MLFLOW_TRACKING_URI": tracking_uri}
-    if os.environ.get("RAY_AUTH_MODE"):
-        env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]  # every process must agree, or Data tasks hang
-    ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env},
-             log_to_driver=True)
+    ray.init(address=cfg.run.ray_address or os.environ.get("RAY_ADDRESS"),
+             runtime_env={"env_vars": worker_environment(tracking_uri)}, log_to_driver=True)
     # Bars redraw in place on a terminal; in job logs they are noise. Stages log their own progress.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 

@@ -7,17 +7,16 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.storage import Manifest, RunDir
+from pipeline.storage import TEMPORARY_MARK, Manifest, RunDir
 
-# Folders inside a stage folder that are working state, not outputs (resumption records, staged pieces,
-# Ray Train checkpoints, reusable caches), and the marker of a file still being written.
-WORKING_FOLDERS = ("checkpoints", "_progress", "_staging", "_cache")
-TEMPORARY_MARK = ".tmp-"
+# Working state inside a stage folder, not outputs: Ray Train's checkpoints, and every name starting with "_"
+# (resumption records, staged pieces, caches, the manifest itself).
+WORKING_FOLDERS = ("checkpoints",)
 CHUNK_BYTES = 8 << 20
 
 
 def is_output_name(relative: str) -> bool:
-    """True for a file a stage commits: not the manifest, a working folder's file or a temporary file."""
+    """True for a file a stage commits: not the manifest, working state or a file still being written."""
     top, base = relative.split("/", 1)[0], relative.rsplit("/", 1)[-1]
     return not (top in WORKING_FOLDERS or top.startswith("_") or TEMPORARY_MARK in base)
 

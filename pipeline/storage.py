@@ -17,9 +17,17 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.config import stable_hash
+from pipeline.config import ConfigError, stable_hash
 
 MANIFEST = "_MANIFEST.json"
+
+
+TEMPORARY_MARK = ".tmp-"  # in the name of a file still being written (then moved to its name)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How the run directory writes JSON (manifests hash these bytes)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def is_uri(location: str) -> bool:
@@ -88,13 +96,13 @@ class RunDir:
         """Write through a temporary sibling and a move, so the name appears complete or not at all."""
         final = self.path(*parts)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        temp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        temp = f"{final}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
         with self.fs.open_output_stream(temp) as f:
             f.write(data)
         self.fs.move(temp, final)
 
     def write_json(self, obj: Any, *parts: str) -> None:
-        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+        self.write_bytes(json_bytes(obj), *parts)
 
     def makedirs(self, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts), recursive=True)
@@ -144,13 +152,13 @@ class Manifest:
             data = json.loads(raw)
         except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
             raise ManifestError(f"{where} is not valid JSON ({error}); the stage that writes {folder}/ "
-                                f"must be rerun", folder) from None
+                                f"must be rerun") from None
         required = [name for name, f in cls.__dataclass_fields__.items()
                     if f.default is MISSING and f.default_factory is MISSING]
         if not isinstance(data, dict) or any(name not in data for name in required):
             absent = [name for name in required if not isinstance(data, dict) or name not in data]
             raise ManifestError(f"{where} is not a stage manifest (no {', '.join(absent)}); the stage that "
-                                f"writes {folder}/ must be rerun", folder)
+                                f"writes {folder}/ must be rerun")
         known = set(cls.__dataclass_fields__)
         manifest = cls(**{k: v for k, v in data.items() if k in known})
         manifest.sha256 = hashlib.sha256(raw).hexdigest()
@@ -159,7 +167,7 @@ class Manifest:
     def write(self, run_dir: RunDir, folder: str) -> None:
         self.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.versions = self.versions or software_versions()
-        raw = json.dumps(asdict(self), indent=2, sort_keys=True, default=str).encode()  # as RunDir.write_json
+        raw = json_bytes(asdict(self))
         run_dir.write_bytes(raw, folder, MANIFEST)
         self.sha256 = hashlib.sha256(raw).hexdigest()
 
@@ -179,8 +187,6 @@ def software_versions() -> dict[str, str]:
 def check_run_dir(location: str) -> None:
     """Before Ray starts: a local run directory must be a folder this user can write, or a path where one can
     be created. Creates nothing; a URI (gs://, s3://) is not checked here. Raises a one-line ConfigError."""
-    from pipeline.config import ConfigError
-
     if is_uri(location):
         return
     path = os.path.abspath(os.path.expanduser(location))
@@ -200,7 +206,3 @@ def check_run_dir(location: str) -> None:
 
 class ManifestError(ValueError):
     """A `_MANIFEST.json` that cannot be read as a manifest (truncated, edited into invalid JSON)."""
-
-    def __init__(self, message: str, folder: str = ""):
-        super().__init__(message)
-        self.folder = folder

@@ -25,6 +25,7 @@ from pipeline.config import PipelineConfig
 from pipeline.data.shards import ShardStats, shard_name, write_shard
 from pipeline.data.sources import FILES_SCHEMA, SourceError, build_index, check_source, describe_changes
 from pipeline.stage import Progress, StageContext, StageResult
+from pipeline.storage import TEMPORARY_MARK
 
 PROGRESS = "_progress"
 SOURCE_LISTING = "source.arrow"  # in PROGRESS: the listing the first attempt indexed
@@ -131,7 +132,7 @@ def _start_or_resume(ctx: StageContext, index) -> None:
                            folder, PROGRESS, "fingerprint.json")
     for split in index.splits:  # temporary files of shards whose writer was killed
         for name in run_dir.list(folder, split):
-            if ".tmp-" in name:
+            if TEMPORARY_MARK in name:
                 run_dir.delete(folder, split, name)
 
 

@@ -53,7 +53,7 @@ def tokenizer_loop(loop_config: dict) -> dict[str, float] | None:
                                      weight_decay=cfg.weight_decay) if discriminator is not None else None)
     state = TrainState(model=objective.model, optimizer=optimizer, discriminator=discriminator,
                        d_optimizer=d_optimizer, counters={"d_steps": 0})
-    run = start_worker("tokenizer", loop_config, state, cfg.steps, backend, unit="images")
+    run = start_worker("tokenizer", loop_config, state, cfg.steps, backend)
     val_probe = next(iter(_val_batches(cfg))) if run.rank == 0 else None  # fixed: comparable over time
     shard = ray.train.get_dataset_shard("train")
 

@@ -53,7 +53,8 @@ def train_and_export(ctx: StageContext, loop: Callable[[dict], dict | None], loo
 
 
 def worker_environment(tracking_uri: str) -> dict[str, str]:
-    """What a worker needs from the driver's environment."""
+    """What every Ray process of a job needs from the driver's environment (the auth mode must agree
+    everywhere, or Ray Data tasks hang)."""
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
     if os.environ.get("RAY_AUTH_MODE"):
         env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
@@ -61,8 +62,7 @@ def worker_environment(tracking_uri: str) -> dict[str, str]:
 
 
 def build_trainer(ctx: StageContext, loop: Callable[[dict], Any], loop_config: dict[str, Any],
-                  resources: TrainerResources, datasets: dict[str, Any],
-                  split: tuple[str, ...] = ("train",)) -> TorchTrainer:
+                  resources: TrainerResources, datasets: dict[str, Any]) -> TorchTrainer:
     """The stage's trainer; its loop gets `loop_config` plus the MLflow run to log to."""
     loop_config = {**loop_config, "tracking_uri": ctx.tracker.tracking_uri, "mlflow_run_id": ctx.tracker.run_id}
     run_name = f"{ctx.spec.name}-{ctx.fingerprint}"
@@ -82,7 +82,7 @@ def build_trainer(ctx: StageContext, loop: Callable[[dict], Any], loop_config: d
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              worker_runtime_env={"env_vars": worker_environment(ctx.tracker.tracking_uri)}),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split), execution_options=_in_order()))
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_in_order()))
 
 
 def _in_order():
@@ -125,7 +125,7 @@ def tag_placement_group(tracker) -> None:
 
 
 def start_worker(name: str, loop_config: dict[str, Any], state: TrainState, total_steps: int,
-                 backend: Backend, unit: str) -> TrainingLoop:
+                 backend: Backend) -> TrainingLoop:
     """Restore `state` from the latest checkpoint if there is one, open MLflow on rank 0, and return the
     loop's bookkeeping with checkpoints going to Ray Train."""
     context = ray.train.get_context()
@@ -142,7 +142,7 @@ def start_worker(name: str, loop_config: dict[str, Any], state: TrainState, tota
         if checkpoint is not None:
             tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
     return TrainingLoop(name, state, total_steps, rank=rank, world=world, backend=backend,
-                        save_checkpoint=report, tracker=tracker, unit=unit)
+                        save_checkpoint=report, tracker=tracker)
 
 
 def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:

@@ -104,8 +104,7 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
     model = _wrap_model(torch.compile(core) if cfg.compile else core, cfg, backend)
     optimizer = torch.optim.AdamW(parameter_groups(core, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=backend.fused_adamw())
-    run = start_worker("transformer", loop_config, TrainState(model=core, optimizer=optimizer), cfg.steps, backend,
-                       unit="tokens")
+    run = start_worker("transformer", loop_config, TrainState(model=core, optimizer=optimizer), cfg.steps, backend)
     peak, peak_source = backend.peak_flops()
     flops_per_token = core.flops_per_token()
     if run.tracker is not None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipeline.data.images import BadImage, decode, encode, resize_center_crop, to_rgb
 from pipeline.data.sources import SampleReader, open_fs
+from pipeline.storage import TEMPORARY_MARK
 
 IMAGE_EXTENSIONS = ("jpg", "png")
 
@@ -57,7 +58,7 @@ def write_shard(rows: pa.Table, split: str, shard: int, location: str, resolutio
     started = time.perf_counter()
     fs, final_path = open_fs(location)
     fs.create_dir(final_path.rsplit("/", 1)[0], recursive=True)
-    temp_path = f"{final_path}.tmp-{uuid.uuid4().hex[:8]}"
+    temp_path = f"{final_path}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
     stats = ShardStats(split, shard, location)
     labels: Counter[int] = Counter()
     reader = SampleReader()

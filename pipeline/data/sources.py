@@ -24,6 +24,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +63,7 @@ class SourceIndex:
     splits: dict[str, SplitIndex]
     files: pa.Table = field(default_factory=FILES_SCHEMA.empty_table)  # sorted by (role, name)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """sha256 of the listing (names, sizes, modification times): equal listings, equal fingerprints."""
         digest = hashlib.sha256()

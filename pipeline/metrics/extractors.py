@@ -21,7 +21,7 @@ from pipeline.models.transformer import load_transformer
 from pipeline.storage import local_folder
 
 
-def codes_matrix(column) -> np.ndarray:
+def stack_codes(column) -> np.ndarray:
     """A (rows, tokens) array from a codes column (object arrays of per-row arrays are stacked)."""
     return np.stack(list(column)) if getattr(column, "dtype", None) == object else np.asarray(column)
 
@@ -96,7 +96,7 @@ class ImageFeatures:
         if self.keep_images:
             out["image"] = np.asarray(batch["image"])
         if "codes" in batch:
-            out["codes"] = codes_matrix(batch["codes"])
+            out["codes"] = stack_codes(batch["codes"])
         self._features(images, "", self.parts, out)
         if self.tokenizer is not None:
             with torch.no_grad():
@@ -119,7 +119,7 @@ class BlockFeatures:
         self.blocks = blocks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tokens = torch.as_tensor(codes_matrix(batch["codes"]), dtype=torch.long, device=self.device)
+        tokens = torch.as_tensor(stack_codes(batch["codes"]), dtype=torch.long, device=self.device)
         pooled = self.model.pooled_block_features(tokens, self.blocks)
         return {"label": np.asarray(batch["label"]), "split": np.asarray(batch["split"]),
                 "features": pooled.cpu().numpy()}

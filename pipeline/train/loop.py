@@ -31,11 +31,12 @@ CheckpointSink = Callable[[dict[str, float], "dict[str, Any] | None"], None]
 
 class TrainingLoop:
     def __init__(self, name: str, state: TrainState, total_steps: int, *, rank: int, world: int,
-                 backend: Backend, save_checkpoint: CheckpointSink, tracker=None, unit: str = "images"):
+                 backend: Backend, save_checkpoint: CheckpointSink, tracker=None):
         self.name, self.state, self.total_steps = name, state, total_steps
         self.rank, self.world, self.backend = rank, world, backend
-        self.save_checkpoint, self.tracker, self.unit = save_checkpoint, tracker, unit
+        self.save_checkpoint, self.tracker = save_checkpoint, tracker
         self.started = time.perf_counter()
+        self._seconds_per_step = 0.0  # the last window's pace, for the ETA
         self._reset_window()
 
     @property
@@ -112,7 +113,6 @@ class TrainingLoop:
     def _reset_window(self) -> None:
         self._window_start = time.perf_counter()
         self._window_steps, self._window_items, self._data_wait = 0, 0, 0.0
-        self._seconds_per_step = getattr(self, "_seconds_per_step", 0.0)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_if_due(self, every: int) -> None:

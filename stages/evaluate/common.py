@@ -81,7 +81,7 @@ def collect(dataset: ray.data.Dataset) -> dict[str, np.ndarray]:
 
 
 class Stopwatch:
-    """Seconds since it was made (or last reset)."""
+    """Seconds since it was made."""
 
     def __init__(self):
         self.started = time.perf_counter()

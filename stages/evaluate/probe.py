@@ -7,7 +7,7 @@ import io
 import numpy as np
 import ray
 
-from pipeline.metrics.extractors import BlockFeatures, codes_matrix
+from pipeline.metrics.extractors import BlockFeatures, stack_codes
 from pipeline.metrics.probe import linear_probe
 from pipeline.models.settings import TransformerSettings
 from pipeline.stage import StageContext
@@ -63,7 +63,7 @@ def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[
         files = [ctx.uri_of("pretokenize", name) for name in code_files[split]]
         plain = collect(ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
             expr="view == 0").limit(limit))  # the first `limit` plain rows in file order (`collect` keeps order)
-        rows["codes"].extend(codes_matrix(plain["codes"]))
+        rows["codes"].extend(stack_codes(plain["codes"]))
         rows["label"].extend(plain["label"].tolist())
         rows["split"].extend([split_id] * len(plain["label"]))
     probe_rows = [{"codes": c, "label": l, "split": s} for c, l, s in zip(rows["codes"], rows["label"], rows["split"])]
