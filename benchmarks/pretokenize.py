@@ -29,6 +29,7 @@ from pipeline.data.codes import CodesMeta, codes_table
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.transforms import to_float
 from pipeline.data.views import VIEW_IDS, cut_view
+from pipeline.device import exact_fp32
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import Manifest, RunDir
 from orchestration.runner import run_pipeline
@@ -38,7 +39,7 @@ from stages import spec
 def bare_loop(run_dir: Path, views: list[str], batch_size: int, threads: int, device: str) -> dict:
     """One process: read the shards, cut views, encode, write Parquet. No Ray."""
     torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = False  # as the stage's actor: exact fp32 code lookups
+    exact_fp32()  # as the stage's actor: no TF32 in the encoder
     tokenizer = load_tokenizer(run_dir / spec("tokenizer").folder, device)
     grid = tokenizer.settings.grid
     out = Path(tempfile.mkdtemp(prefix="bare-codes-"))

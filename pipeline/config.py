@@ -244,6 +244,9 @@ class TransformerConfig(Section, TransformerArchitecture):
         return self
 
 
+PROBE_MIN_TRAIN_IMAGES = 10  # the smallest probe worth fitting: one image per class of a 10-class data set
+
+
 class EvaluateConfig(Section):
     # sampling (paper protocol: temperature 1, no top-k / top-p, optional rejection at acceptance 0.5)
     samples_per_class: Int = Field(50, ge=1, description="class-balanced samples (50 per ImageNet class)")
@@ -268,7 +271,9 @@ class EvaluateConfig(Section):
     domain_epochs: Int = Field(2, ge=1)
     domain_width: Int = Field(32, ge=4, description="channels of the domain CNN's first stage (then x2, x4)")
     probe_blocks: list[Int] | None = Field(None, description="transformer blocks to probe; null: all")
-    probe_train_images: Int = Field(10000, ge=10)
+    probe_train_images: Int = Field(
+        0, ge=0, description="train images of the linear probe; 0: no probe. Needs a transformer whose class "
+        "position was trained without labels: unconditional, or conditional with label_dropout > 0")
     probe_val_images: Int = Field(2000, ge=10)
     # how it runs
     batch_size: Int = runtime_only(100, "images per actor call", ge=1)
@@ -276,6 +281,34 @@ class EvaluateConfig(Section):
     cpus_per_actor: Float = runtime_only(1.0, gt=0)
     gpus_per_actor: Float = runtime_only(0.0, ge=0)
     cpus_per_task: Float = runtime_only(0.5, "reads and light transforms beside the actor pool", gt=0)
+
+    @field_validator("probe_train_images")
+    @classmethod
+    def _probe_size(cls, value: int) -> int:
+        if 0 < value < PROBE_MIN_TRAIN_IMAGES:
+            raise ValueError(f"0 (no probe) or at least {PROBE_MIN_TRAIN_IMAGES} images")
+        return value
+
+    @property
+    def probe_on(self) -> bool:
+        return self.probe_train_images > 0
+
+
+def probe_class_token(conditional: bool, label_dropout: float) -> str:
+    """What the linear probe feeds at the class position, in the words of its `how` text. The probe must not
+    see the label, so it feeds the start token of an unconditional model or the null class of a conditional
+    one; that null class is trained only by label dropout, so a conditional model trained without it is
+    refused (its features would come from an embedding left at its initialisation)."""
+    if not conditional:
+        return "start token of an unconditional model"
+    if label_dropout > 0:
+        return f"null-class token, trained by label dropout p={label_dropout:g}"
+    raise ValueError(
+        "the linear probe (evaluate.probe_train_images > 0) feeds the null-class token in place of a label, but a "
+        "conditional transformer (transformer.conditional=true) trained with transformer.label_dropout=0 leaves "
+        "that token untrained: train it unconditionally (transformer.conditional=false, as the paper's probe) or "
+        "with transformer.label_dropout > 0 (e.g. 0.1), or evaluate without the probe "
+        "(evaluate.probe_train_images=0)")
 
 
 class PipelineConfig(Section):
@@ -291,6 +324,13 @@ class PipelineConfig(Section):
         if self.evaluate.guidance_scale != 1.0 and self.transformer.label_dropout <= 0:
             raise ValueError("evaluate.guidance_scale != 1 needs a transformer trained with "
                              "transformer.label_dropout > 0 (classifier-free guidance)")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_needs_a_trained_class_position(self) -> "PipelineConfig":
+        # Checked when the config loads, not when evaluate starts: the answer is known before training.
+        if self.evaluate.probe_on:
+            probe_class_token(self.transformer.conditional, self.transformer.label_dropout)
         return self
 
 

@@ -108,6 +108,16 @@ def detect(preference: str = "auto") -> Backend:
     return Backend("cpu", torch.device("cpu"))
 
 
+def exact_fp32() -> None:
+    """Full fp32 on CUDA for this process: no TF32 in matmuls nor in cuDNN convolutions (the tokenizer's patch
+    embedding), where codes are meant to match the CPU's. Process-wide, so only for processes that do nothing
+    else (an encoding actor, a benchmark)."""
+    # The allow_tf32 switches, not the newer fp32_precision ones: after those, reading cudnn.allow_tf32 (as
+    # torch.compile's convolutions do) raises, while these set the new flags consistently.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def inference_device(threads: int, use_gpu: bool) -> torch.device:
     """For a batch-inference actor: sets its torch CPU threads; CUDA only when asked for and visible."""
     torch.set_num_threads(threads)

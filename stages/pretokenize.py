@@ -25,7 +25,7 @@ from pipeline.config import PipelineConfig, PretokenizeConfig
 from pipeline.data.codes import INT16_MAX, CodesMeta, codes_matrix, codes_table, file_sha256
 from pipeline.data.transforms import to_float
 from pipeline.data.views import VIEW_IDS, view_rows
-from pipeline.device import inference_device
+from pipeline.device import exact_fp32, inference_device
 from pipeline.metrics.codebook import CodebookUsage
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
 from pipeline.models.tokenizer import load_tokenizer
@@ -50,8 +50,8 @@ class EncodeBatches:
 
     def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool):
         self.device = inference_device(threads, use_gpu)
-        if self.device.type == "cuda":  # exact fp32 lookups: the same codes as on CPU
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if self.device.type == "cuda":  # no TF32: its 10-bit mantissa would move codes near a tie off the CPU's
+            exact_fp32()
         self.model = load_tokenizer(local_folder(tokenizer_location), self.device)
         self.meta = CodesMeta(**{**meta, "grid": tuple(meta["grid"]), "views": tuple(meta["views"])})
 

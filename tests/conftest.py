@@ -62,3 +62,50 @@ def coded_run(ray_cluster, tmp_path_factory):
     return run_dir
 
 
+
+
+@pytest.fixture(autouse=True)
+def no_placement_group_left_over(request):
+    """Before each test on the shared cluster: a placement group a failed test left reserved (a trial or a
+    Train run interrupted by a timeout) would starve every later test of CPUs until its own timeout; it is
+    removed, and named, so one failure stays one failure."""
+    if "ray_cluster" in request.fixturenames or "coded_run" in request.fixturenames:
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+        from ray._raylet import PlacementGroupID
+
+        if ray.is_initialized():
+            for group_id, group in placement_group_table().items():
+                if group["state"] != "REMOVED":
+                    print(f"removing placement group {group_id} ({group.get('name')!r}, {group['state']}) left "
+                          f"by an earlier test", file=sys.stderr)
+                    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+    yield
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config._vim_session = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After the summary, end the process with the session's status. A thread a failed test left running
+    (a Ray Train or Tune loop interrupted by a timeout) or Ray's core worker still reaching for a cluster that
+    died would otherwise keep the interpreter from exiting, and CI would wait until its own limit with the
+    summary unprinted. Threads still running are named with their stacks first."""
+    import threading
+    import traceback
+
+    session = getattr(config, "_vim_session", None)
+    if session is None:  # collection only, or pytest stopped before the session
+        return
+    left = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if left:
+        frames = sys._current_frames()
+        sys.stderr.write(f"\n{len(left)} non-daemon thread(s) still running after the tests:\n")
+        for thread in left:
+            sys.stderr.write(f"--- {thread.name}\n{''.join(traceback.format_stack(frames.get(thread.ident)))}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(session.exitstatus))

@@ -77,37 +77,58 @@ def assert_resume_follows_uninterrupted(resumed_run: Path, reference_run: Path, 
     assert np.allclose(got, want, rtol=1e-5, atol=1e-7), list(zip(steps, got, want))
 
 
-def check_evaluation(run_dir: Path, per_class: int = 4, side: int = 16, tokens: int = 16) -> None:
-    """The evaluate stage's outputs on a tiny Fashion-MNIST run (pico: 2 blocks; 10 classes): every figure
-    finite and explained, class-balanced samples, the grids, and the same figures in MLflow."""
+def check_evaluation(run_dir: Path, per_class: int = 4, acceptance: float = 0.3, side: int = 16,
+                     tokens: int = 16) -> None:
+    """The evaluate stage's outputs on a tiny Fashion-MNIST run (pico: 2 blocks; 10 classes, rejection at
+    `acceptance`): every figure finite and explained, class-balanced sample sets with and without rejection, two
+    different classifiers, the grids, and the same figures in MLflow."""
+    import torch
 
     report = json.loads((run_dir / "eval" / "metrics.json").read_text())
     metrics, how = report["metrics"], report["how"]
-    for key in ("recon_psnr", "recon_ssim", "recon_usage_per_256", "rfid_domain", "fid_domain", "is_domain",
-                "probe_top1_best", "probe_top1_pixels", "acceptance_rate", "domain_classifier_val_top1"):
+    for key in ("recon_psnr", "recon_ssim", "recon_usage_per_256", "rfid_domain", "rfid_domain_floor",
+                "probe_top1_best", "probe_top1_pixels", "acceptance_rate", "domain_classifier_val_top1",
+                "rejection_classifier_val_top1", "is_domain_real"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["acceptance_rate"] == 0.5 and metrics["samples"] == 10 * per_class
-    assert 1 <= metrics["is_domain"] <= 10 and metrics["fid_domain"] >= 0
+    for suffix in ("", "_accepted"):
+        assert 1 <= metrics[f"is_domain{suffix}"] <= 10 and metrics[f"fid_domain{suffix}"] >= 0
+        for key in ("precision_domain", "recall_domain", "precision_inception", "recall_inception",
+                    "sample_class_agreement_domain"):
+            assert 0 <= metrics[key + suffix] <= 1, key + suffix
+    assert metrics["fid_domain_floor"] >= 0 and 0 <= metrics["precision_domain_real"] <= 1
     assert all(f"probe_top1_block_{b}" in metrics for b in (0, 1))  # pico has 2 blocks
     assert metrics["probe_top1_pixels"] > 0.3  # Fashion-MNIST pixels are linearly quite separable
     # Inception FID from the offline TF-Inception file, named as such, with its recipe; IS says why not.
-    assert metrics["fid_inception"] >= 0 and metrics["rfid_inception"] >= 0
+    assert metrics["fid_inception"] >= 0 and metrics["rfid_inception"] >= 0 and metrics["fid_inception_accepted"] >= 0
     assert "TF-Inception pool3" in how["fid_inception"] and how["is_inception"].startswith("unavailable")
     assert "is_inception" not in metrics
     assert (run_dir / "eval" / "ref_stats_val.npz").exists()
 
+    # Measured acceptance: what was kept of what was drawn, each class drawn ceil(per_class / acceptance)
+    # times (per_class 4 at 0.3: 4 of 14, not the configured 0.3).
     samples = np.load(run_dir / "eval" / "samples.npz")
-    assert samples["images"].shape == (10 * per_class, side, side, 3)
-    assert samples["codes"].shape == (10 * per_class, tokens)
-    assert np.bincount(samples["labels"]).tolist() == [per_class] * 10
+    drawn = 10 * int(np.ceil(per_class / acceptance))
+    assert samples["images"].shape == (drawn, side, side, 3) and samples["codes"].shape == (drawn, tokens)
+    assert metrics["acceptance_rate"] == samples["accepted"].sum() / len(samples["labels"])
+    for chosen in (samples["accepted"], samples["first_per_class"]):
+        assert np.bincount(samples["labels"][chosen], minlength=10).tolist() == [per_class] * 10
+    assert metrics["samples"] == 10 * per_class
+    # The rejection network is not the evaluation network: other train images, other seed, other weights.
+    networks = [torch.load(path, weights_only=True) for path in sorted((run_dir / "_cache").glob("domain-*.pt"))]
+    assert len(networks) == 2, "expected the evaluation and the rejection network"
+    first, second = (network["info"] for network in networks)
+    assert first["seed"] != second["seed"] and first["first_train_image"] != second["first_train_image"]
+    assert any(not torch.equal(networks[0]["state"]["weights"][name], networks[1]["state"]["weights"][name])
+               for name in networks[0]["state"]["weights"])
+    assert "rejection network" in how["rejection"] and "evaluation network" in how["rejection"]
     grid = Image.open(io.BytesIO((run_dir / "eval" / "samples_grid.png").read_bytes()))
     assert grid.size[1] == (10 * (side + 2) + 2) * 4  # one row per class; 2 px padding, scaled x4
-    for name in ("reconstructions.png", "probe_accuracy_per_block.png"):
+    for name in ("reconstructions.png", "probe_accuracy_per_block.png", "metrics.md"):
         assert (run_dir / "eval" / name).stat().st_size > 0
 
     manifest = Manifest.read(RunDir(str(run_dir)), "eval")
     client = MlflowClient(default_tracking_uri(str(run_dir)))
     artifacts = {a.path for a in client.list_artifacts(manifest.mlflow_run_id)}
-    assert {"metrics.json", "samples_grid.png", "probe_accuracy_per_block.png"} <= artifacts
+    assert {"metrics.json", "metrics.md", "samples_grid.png", "probe_accuracy_per_block.png"} <= artifacts
     logged = client.get_run(manifest.mlflow_run_id).data.metrics
     assert logged["fid_domain"] == metrics["fid_domain"]

@@ -27,14 +27,15 @@ TRANSFORMER_TINY = [
 # would pick rows by which read task finished first.
 EVALUATE_TINY = [
     "evaluate.samples_per_class=2", "evaluate.rejection_acceptance=0.5", "evaluate.guidance_scale=1.5",
-    "evaluate.recon_images=40", "evaluate.reference_images=150", "evaluate.inception_fid=false",
+    "evaluate.recon_images=40", "evaluate.reference_images=100", "evaluate.inception_fid=false",
     "evaluate.domain_train_images=150", "evaluate.domain_epochs=1", "evaluate.domain_width=4",
     "evaluate.probe_train_images=150", "evaluate.probe_val_images=90", "evaluate.batch_size=20",
     "evaluate.cpus_per_actor=0.5", "evaluate.cpus_per_task=0.25", "evaluate.fid_method=eigh"]
 # Figures of the real images, the tokenizer, the domain classifier and the probe: none depends on sampling.
-NOT_SAMPLING = ("domain_classifier_val_top1", "recon_psnr", "recon_ssim", "recon_images", "recon_usage_per_256",
-                "recon_perplexity", "rfid_domain", "probe_top1_best", "probe_best_block", "probe_top1_pixels",
-                "probe_top1_block_0", "probe_top1_block_1")
+NOT_SAMPLING = ("domain_classifier_val_top1", "rejection_classifier_val_top1", "recon_psnr", "recon_ssim",
+                "recon_images", "recon_usage_per_256", "recon_perplexity", "rfid_domain", "rfid_domain_floor",
+                "fid_domain_floor", "is_domain_real", "precision_domain_real", "recall_domain_real",
+                "probe_top1_best", "probe_best_block", "probe_top1_pixels", "probe_top1_block_0", "probe_top1_block_1")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +65,15 @@ def _evaluate(base: Path, run_dir: Path, overrides: list[str]) -> tuple[dict, di
 def test_the_same_config_gives_the_same_metrics(trained_run, tmp_path):
     first, first_samples = _evaluate(trained_run, tmp_path / "first", [])
     second, second_samples = _evaluate(trained_run, tmp_path / "second", [])
-    for key in NOT_SAMPLING + ("fid_domain", "is_domain", "sample_class_agreement_domain", "acceptance_rate"):
+    for key in NOT_SAMPLING + ("fid_domain", "is_domain", "sample_class_agreement_domain", "acceptance_rate",
+                               "fid_domain_accepted", "precision_domain", "recall_domain_accepted"):
         assert key in first, key
     assert first["recon_images"] == 40 and first["samples"] == 20
     # Exact: on the CPU every step is deterministic once the same rows arrive in the same order (the domain
     # classifier trains in the driver from a fixed seed; L-BFGS, Frechet distances and IS are plain float64).
     differing = {k: (first[k], second.get(k)) for k in first if first[k] != second.get(k)}
     assert not differing and first.keys() == second.keys(), differing
-    for name in ("images", "labels", "codes"):
+    for name in ("images", "labels", "codes", "accepted"):
         np.testing.assert_array_equal(first_samples[name], second_samples[name], err_msg=name)
 
     # Only the guidance scale changed, in the first run's directory (its cached domain classifier is reused:

@@ -30,8 +30,8 @@ TINY = PRETOKENIZE_TINY + [
     "transformer.warmup_steps=2", "transformer.decay_start=200", "transformer.label_dropout=0.1",
     "transformer.val_images=64",
     "transformer.resources.num_workers=1",
-    "evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.5", "evaluate.recon_images=64",
-    "evaluate.reference_images=256", "evaluate.inception_images=8", "evaluate.domain_train_images=256",
+    "evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.3", "evaluate.recon_images=64",
+    "evaluate.reference_images=256", "evaluate.inception_images=10", "evaluate.domain_train_images=256",
     "evaluate.domain_epochs=1", "evaluate.probe_train_images=192", "evaluate.probe_val_images=64",
     "evaluate.batch_size=20", "evaluate.cpus_per_actor=0.5", "evaluate.guidance_scale=1.5",
     "evaluate.fid_method=eigh"]

@@ -48,17 +48,36 @@ def test_plain_vq_has_no_projection_and_no_normalisation():
     assert torch.equal(quantizer.encode(z)[0], torch.cdist(z[0], quantizer.codebook).argmin(1))
 
 
+def _train_step_and_check_restarts(quantizer: VectorQuantizer, z: torch.Tensor, threshold: float) -> int:
+    """One training step; checks that exactly the codes dead after this step's usage update were restarted
+    onto current latents with fresh usage, and returns how many."""
+    counts = torch.bincount(quantizer.encode(z).flatten(), minlength=quantizer.codebook_size).float()
+    usage = quantizer.usage.clone().mul_(0.99).add_(counts, alpha=0.01)  # the quantizer's own update
+    dead = usage < threshold
+    out = quantizer(z)
+    assert "codebook" not in out.losses
+    restarted = quantizer.codebook.detach()[dead]
+    assert (restarted[:, None] == z[0][None]).all(-1).any(1).all()  # each sits exactly on a current latent
+    assert (quantizer.usage[dead] == 2 * threshold).all() and (quantizer.ema_count[dead] == 1).all()
+    assert torch.equal(quantizer.ema_sum[dead], restarted)
+    assert torch.equal(quantizer.usage[~dead], usage[~dead])  # live codes keep their usage
+    assert out.stats["restarted_codes"] == int(dead.sum()) and out.stats["dead_codes"] == 0  # none left dead
+    return int(dead.sum())
+
+
 def test_ema_updates_pull_codes_towards_their_latents_and_dead_codes_restart():
     torch.manual_seed(0)
+    threshold = 0.9  # usage starts at 1 and decays by 0.99 a step, so unused codes die on the 11th step
     quantizer = VectorQuantizer(4, QuantizerSettings(codebook_size=16, codebook_dim=None, l2_normalize=False, ema=True,
-                                                     ema_decay=0.5, dead_code_threshold=0.5))
-    z = torch.randn(1, 64, 4) + 5.0  # far from the N(0,1) codebook
+                                                     ema_decay=0.5, dead_code_threshold=threshold))
+    z = torch.randn(1, 64, 4) + 5.0  # far from the N(0,1) codebook, so one code takes every latent
     before = (quantizer.codebook - 5).norm(dim=1).min()
-    for _ in range(30):
-        quantizer(z)
-    assert (quantizer.codebook - 5).norm(dim=1).min() < before / 2
-    assert "codebook" not in quantizer(z).losses
-    assert (quantizer.usage >= quantizer.dead_threshold).all() or quantizer(z).stats["dead_codes"] >= 0
+    restarted = 0
+    for step in range(30):
+        restarted += _train_step_and_check_restarts(quantizer, z, threshold)
+        if step == 9:  # no code has died yet: only the EMA has moved the codebook
+            assert restarted == 0 and (quantizer.codebook - 5).norm(dim=1).min() < before / 2
+    assert restarted == 15  # every code but the one in use
 
 
 def test_codebook_usage_and_perplexity_on_hand_made_codes():

@@ -63,15 +63,17 @@ class SampleImages:
 class ImageFeatures:
     """Per uint8 image, the feature sets named in `parts`: "domain" (domain-classifier features and
     probabilities), "inception" (TF-Inception pool3). With `recon_parts` (not None), the reconstruction by
-    the tokenizer at `tokenizer_uri` too: those feature sets of it, PSNR, SSIM and the codes.
-    `keep_images` passes the images through."""
+    the tokenizer at `tokenizer_uri` too: those feature sets of it, PSNR, SSIM and the codes. With
+    `rejection` (a second classifier's state), its probabilities as `rejection_probs`. `keep_images` passes
+    the images through; a `key` column always passes through."""
 
     def __init__(self, domain: dict | None, inception_path: str | None, parts: list[str],
                  recon_parts: list[str] | None, keep_images: bool, image_size: int, threads: int, use_gpu: bool,
-                 tokenizer_uri: str | None = None):
+                 tokenizer_uri: str | None = None, rejection: dict | None = None):
         self.device = inference_device(threads, use_gpu)
         wanted = set(parts) | set(recon_parts or ())
         self.domain = load_domain_classifier(domain).to(self.device) if "domain" in wanted else None
+        self.rejection = load_domain_classifier(rejection).to(self.device) if rejection is not None else None
         self.inception = InceptionFeatures(inception_path, self.device) if "inception" in wanted else None
         if recon_parts is not None and tokenizer_uri is None:
             raise ValueError("reconstruction features need the tokenizer's folder (tokenizer_uri)")
@@ -93,8 +95,13 @@ class ImageFeatures:
         images = center(to_float(torch.from_numpy(np.ascontiguousarray(batch["image"]))), self.image_size)
         images = images.to(self.device)
         out = {"label": np.asarray(batch["label"])}
+        if "key" in batch:
+            out["key"] = np.asarray(batch["key"])
         if self.keep_images:
             out["image"] = np.asarray(batch["image"])
+        if self.rejection is not None:
+            with torch.no_grad():
+                out["rejection_probs"] = self.rejection(images).softmax(-1).cpu().numpy()
         if "codes" in batch:
             out["codes"] = stack_codes(batch["codes"])
         self._features(images, "", self.parts, out)

@@ -97,10 +97,9 @@ class VectorQuantizer(nn.Module):
             losses["codebook"] = F.mse_loss(chosen, latent.detach())
         elif self.training:
             self._ema_update(flat.detach(), codes)
-        if self.training:
-            self._track_usage(codes, flat.detach())
+        restarted = self._track_usage(codes, flat.detach()) if self.training else 0
         straight_through = latent + (chosen - latent).detach()
-        stats = self._batch_stats(codes)
+        stats = {**self._batch_stats(codes), "restarted_codes": float(restarted)}
         return QuantizerOutput(codes.view(latent.shape[:-1]), self.proj_out(straight_through), losses, stats)
 
     # ---- codebook maintenance -------------------------------------------------------------------
@@ -135,15 +134,16 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
 
     @torch.no_grad()
-    def _track_usage(self, codes: torch.Tensor, flat: torch.Tensor) -> None:
+    def _track_usage(self, codes: torch.Tensor, flat: torch.Tensor) -> int:
+        """Updates the usage counts and restarts the codes that fell below the threshold; returns how many."""
         counts = self._counts(codes)
         self.usage.mul_(0.99).add_(counts, alpha=0.01)
         if self.dead_threshold <= 0:
-            return
+            return 0
         dead = self.usage < self.dead_threshold
         count = int(dead.sum())
         if count == 0:
-            return
+            return 0
         # Restart dead codes at random current latents, chosen on rank 0 and broadcast to all ranks.
         picks = flat[torch.randint(0, flat.shape[0], (count,), device=flat.device)].float()
         if _distributed():
@@ -153,9 +153,11 @@ class VectorQuantizer(nn.Module):
         if self.ema:
             self.ema_sum[dead] = picks
             self.ema_count[dead] = 1.0
+        return count
 
     @torch.no_grad()
     def _batch_stats(self, codes: torch.Tensor) -> dict[str, float]:
+        """`dead_codes`: codes below the usage threshold after this step's restarts."""
         counts = torch.bincount(codes, minlength=self.codebook_size).float()
         probs = counts / counts.sum()
         entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()

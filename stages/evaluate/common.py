@@ -40,9 +40,15 @@ class Setup:
     @classmethod
     def of(cls, cfg: PipelineConfig, ctx: StageContext) -> "Setup":
         codes = ctx.inputs["pretokenize"]
+        check_set_sizes(cfg.evaluate, int(ctx.inputs["ingest"].details.get("num_classes", 1)))
         return cls(ecfg=cfg.evaluate, num_classes=int(ctx.inputs["transformer"].outputs["settings"]["num_classes"]),
                    image_size=int(codes.outputs["image_size"]), val_split=held_out_split(ctx),
                    codebook_size=int(codes.outputs["codebook_size"]))
+
+    @property
+    def samples_per_set(self) -> int:
+        """Images in one sample set (with or without rejection): samples_per_class of every class."""
+        return self.ecfg.samples_per_class * max(self.num_classes, 1)
 
     def frechet(self, a: GaussianStats, b: GaussianStats) -> float:
         """The Frechet distance by the configured method."""
@@ -59,6 +65,16 @@ class Setup:
     def actor_args(self) -> dict:
         """Constructor keywords every extractor takes: torch threads and whether to ask for a GPU."""
         return {"threads": max(1, round(self.ecfg.cpus_per_actor)), "use_gpu": self.ecfg.gpus_per_actor > 0}
+
+
+def check_set_sizes(ecfg: EvaluateConfig, num_classes: int) -> None:
+    """Every capped set is class-balanced, so a cap below the class count cannot hold all classes: say so
+    before any work."""
+    for key in ("reference_images", "recon_images", "inception_images"):
+        value = getattr(ecfg, key)
+        if value is not None and value < num_classes:
+            raise ValueError(f"evaluate.{key}={value} cannot hold all {num_classes} classes of this data set in "
+                             f"equal number: set it to at least {num_classes}")
 
 
 def in_order(dataset: ray.data.Dataset) -> ray.data.Dataset:

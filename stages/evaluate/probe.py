@@ -1,5 +1,9 @@
 """Part 4, linear probe: a softmax layer on frozen, average-pooled transformer block features versus the
-same on raw pixels, same images; the per-block accuracy plot."""
+same on raw pixels, same images; the per-block accuracy plot. Off when evaluate.probe_train_images is 0.
+
+The probe feeds no label: the class position holds the start token of an unconditional model or the
+null class of a conditional one, which only label dropout trains. The trained model's own settings decide,
+so a transformer trained elsewhere, or under another config, is checked before any feature is extracted."""
 from __future__ import annotations
 
 import io
@@ -7,18 +11,24 @@ import io
 import numpy as np
 import ray
 
+from pipeline.config import probe_class_token
 from pipeline.metrics.extractors import BlockFeatures, stack_codes
 from pipeline.metrics.probe import linear_probe
 from pipeline.models.settings import TransformerSettings
-from pipeline.stage import StageContext
+from pipeline.stage import StageContext, StageInputError
 from stages.datasets import shard_dataset
 from stages.evaluate.common import PartResult, Setup, Stopwatch, collect
 
 
 def probe(ctx: StageContext, setup: Setup) -> PartResult:
-    ecfg, val_split, classes = setup.ecfg, setup.val_split, max(setup.num_classes, 2)
+    ecfg, val_split = setup.ecfg, setup.val_split
+    if not ecfg.probe_on:
+        return PartResult(how={"probe": "off (evaluate.probe_train_images: 0)"})
     clock = Stopwatch()
-    blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(transformer_depth(ctx)))
+    settings, fed = probed_transformer(ctx)
+    # The data's classes, not the model's: an unconditional model has none, its probe still has every label.
+    classes = max(int(ctx.inputs["ingest"].details["num_classes"]), 2)
+    blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(settings.shape.depth))
     train_f, val_f = block_features(ctx, setup, blocks)
     result = PartResult(counts={"probe_train": len(train_f["label"]), "probe_val": len(val_f["label"])})
     accuracies = []
@@ -37,18 +47,32 @@ def probe(ctx: StageContext, setup: Setup) -> PartResult:
     pixels = linear_probe(train_pixels, pixel_train["label"], val_pixels, pixel_val["label"], classes)["top1"]
     result.metrics["probe_top1_pixels"] = pixels
     result.how["probe"] = (
-        f"average-pooled block output over all tokens (null class token), standardised, softmax layer by L-BFGS "
-        f"(L2 1e-4); {len(train_f['label'])} train / {len(val_f['label'])} {val_split} images, plain view; "
-        f"baseline: the same on raw pixels ({pixel_note})")
+        f"average-pooled block output over all image tokens, {fed} at the class position, standardised, "
+        f"softmax layer by L-BFGS (L2 1e-4); {len(train_f['label'])} train / {len(val_f['label'])} {val_split} "
+        f"images, plain view; baseline: the same on raw pixels ({pixel_note})")
     result.seconds["probe"] = clock()
     result.files["probe_accuracy_per_block.png"] = probe_plot(blocks, accuracies, pixels)
     return result
 
 
-def transformer_depth(ctx: StageContext) -> int:
-    """The trained transformer's block count, from its model-config file (no weights are read)."""
-    config = ctx.run_dir.read_json(ctx.folder_of("transformer"), ctx.inputs["transformer"].outputs["config"])
-    return TransformerSettings.model_validate(config).shape.depth
+def probed_transformer(ctx: StageContext) -> tuple[TransformerSettings, str]:
+    """The trained transformer's settings, from the model-config file its manifest names (no weights are
+    read), and the token the probe feeds it; a model the probe may not read is refused here, so this is
+    cheap to call before any other work."""
+    name = ctx.inputs["transformer"].outputs["config"]
+    settings = TransformerSettings.model_validate(ctx.run_dir.read_json(ctx.folder_of("transformer"), name))
+    return settings, probe_token(settings, f"the transformer at {ctx.uri_of('transformer', name)}")
+
+
+def probe_token(settings: TransformerSettings, source: str) -> str:
+    """What the probe feeds a trained transformer at its class position (`pipeline.config.probe_class_token`,
+    the rule the config is checked against); a conditional model trained without label dropout is refused,
+    naming `source`."""
+    try:
+        return probe_class_token(settings.num_classes > 0, settings.label_dropout)
+    except ValueError as error:
+        raise StageInputError(f"{source} (num_classes {settings.num_classes}, label_dropout "
+                              f"{settings.label_dropout:g}): {error}") from None
 
 
 def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[dict, dict]:

@@ -1,11 +1,16 @@
-"""Part 2, reconstruction: real val images (the reference set) and their tokenizer reconstructions through
-the feature extractors: PSNR, SSIM, codebook usage, rFID (domain, and Inception when available), and a
-grid of originals over reconstructions. Domain features are cheap and cover the whole reference set;
-Inception runs on a capped prefix of it. Every subset is a prefix in shard order, read in order (`collect`)."""
+"""Part 2, real sets and reconstructions. From the held-out split it draws, class-balanced and seeded
+(`pipeline/metrics/subsets.py`):
+- the reference set (evaluate.reference_images) whose statistics every FID compares against;
+- a balanced subset of it reconstructed by the tokenizer (evaluate.recon_images): PSNR, SSIM, codebook
+  usage, rFID;
+- a real set disjoint from the reference, for noise floors: the FID of real images against the reference at
+  the sizes of each FID, and the IS and precision/recall real images get at a sample set's size.
+Inception features (TF-1 pool3 at 299 px, costly on a CPU) cover balanced subsets of evaluate.inception_images
+of each set. Sets are chosen by image key, so they do not depend on read order or task timing."""
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,9 @@ from pipeline.data.transforms import center, to_float
 from pipeline.metrics.codebook import CodebookUsage
 from pipeline.metrics.extractors import ImageFeatures
 from pipeline.metrics.fid import GaussianStats
+from pipeline.metrics.inception_score import inception_score
+from pipeline.metrics.precision_recall import precision_recall
+from pipeline.metrics.subsets import balanced_indices
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.stage import StageContext
 from pipeline.storage import local_folder
@@ -26,73 +34,163 @@ from stages.evaluate.common import CACHE, PartResult, Setup, Stopwatch, collect
 from stages.evaluate.feature_networks import FeatureNetworks, image_features_args
 
 GRID_IMAGES = 8
+FLOOR_SEED_OFFSET = 1  # the floor set's seed: evaluate.seed + 1 (the reference set uses evaluate.seed)
+
+
+@dataclass
+class RealFeatures:
+    """Features of real images, for comparisons against sample sets of a known size."""
+
+    reference: GaussianStats  # the whole reference set (domain) or its Inception subset
+    reference_subset: np.ndarray  # a balanced subset of the reference set as large as one sample set
+    floor_sets: dict[int, np.ndarray] = field(default_factory=dict)  # size -> disjoint real set of that size
 
 
 @dataclass
 class Reconstruction(PartResult):
-    reference_domain: GaussianStats | None = None  # domain features of the whole reference set
-    reference_inception: GaussianStats | None = None  # Inception features of its first `inception_cap`
-    inception_cap: int = 0
+    domain: RealFeatures | None = None
+    inception: RealFeatures | None = None
+    inception_cap: int = 0  # the size of every Inception set
 
 
 def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Reconstruction:
     ecfg, split = setup.ecfg, setup.val_split
     clock = Stopwatch()
-    # The reference set is the first `reference_images` val images in shard order and the reconstructions its
-    # first `recon_images`: `collect` reads in order, so both are the same images on every run.
     val_ds = shard_dataset(ctx, split, read_cpus=ecfg.cpus_per_task)
-    real_ds = val_ds.limit(max(ecfg.recon_images, ecfg.reference_images)) if ecfg.reference_images else val_ds
-    real = collect(real_ds.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
-        ctx, setup, nets, parts=["domain"], recon_parts=["domain"], keep_images=False), **setup.pool))
-    n_recon = min(ecfg.recon_images, len(real["label"]))
-    result = Reconstruction(metrics={"recon_psnr": float(real["psnr"][:n_recon].mean()),
-                                     "recon_ssim": float(real["ssim"][:n_recon].mean()),
-                                     "recon_images": float(n_recon)},
-                            counts={"recon_images": n_recon})
+    listing = collect(val_ds.select_columns(["key", "label"]))
+    keys, labels = listing["key"], listing["label"]
+    sample_count = setup.samples_per_set
+    reference = balanced_indices(labels, ecfg.reference_images or len(labels), ecfg.seed)
+    recon = reference[balanced_indices(labels[reference], ecfg.recon_images, ecfg.seed)]
+    floor_size = max(len(recon), sample_count)
+    floor = _disjoint_set(labels, floor_size, ecfg.seed + FLOOR_SEED_OFFSET, exclude=reference)
+
+    real_rows = reference if floor is None else np.union1d(reference, floor)
+    real = features_by_key(ctx, setup, nets, val_ds, keys[real_rows], parts=["domain"])
+    recon_features = features_by_key(ctx, setup, nets, val_ds, keys[recon], parts=[], recon_parts=["domain"])
+    n_recon = len(recon)
+    result = Reconstruction(metrics={"recon_psnr": float(recon_features["psnr"].mean()),
+                                     "recon_ssim": float(recon_features["ssim"].mean()),
+                                     "recon_images": float(n_recon), "reference_images": float(len(reference))},
+                            counts={"recon_images": n_recon, "reference_images": len(reference)})
     usage = CodebookUsage(setup.codebook_size)
-    usage.update(real["codes"][:n_recon].astype(np.int64))
+    usage.update(recon_features["codes"].astype(np.int64))
     result.metrics.update({f"recon_{k}": v for k, v in usage.result().items()})
-    result.reference_domain = GaussianStats.of(real["domain_features"])
-    result.metrics["rfid_domain"] = setup.frechet(result.reference_domain,
-                                                  GaussianStats.of(real["recon_domain_features"][:n_recon]))
-    result.inception_cap = ecfg.inception_images or len(real["label"])
-    if nets.inception_path:
-        reference, recon_inception = reference_inception(ctx, setup, nets, val_ds, result.inception_cap)
-        result.reference_inception = reference
-        result.metrics["rfid_inception"] = setup.frechet(reference, recon_inception)
-        result.how["fid_inception"] = (
-            f"TF-Inception pool3 (2048-d, {Path(nets.inception_path).name}), 8-bit input, TF1 bilinear resize "
-            f"to 299, float64 Frechet distance by {ecfg.fid_method}; reference: {reference.count} {split} "
-            f"images, cached as {ctx.folder}/ref_stats_{split}.npz")
+
+    row = {key: i for i, key in enumerate(real["key"])}
+
+    def select(index: np.ndarray) -> np.ndarray:  # rows of `real` for split indices
+        return np.array([row[key] for key in keys[index]], dtype=np.intp)
+
+    reference_domain = GaussianStats.of(real["domain_features"][select(reference)])
+    result.domain = RealFeatures(reference_domain, real["domain_features"][select(
+        reference[balanced_indices(labels[reference], sample_count, ecfg.seed)])])
+    result.metrics["rfid_domain"] = setup.frechet(reference_domain,
+                                                  GaussianStats.of(recon_features["recon_domain_features"]))
+    floor_note = "unavailable: the split has too few images beyond the reference set"
+    if floor is not None:
+        for size in sorted({n_recon, sample_count}):
+            chosen = floor[balanced_indices(labels[floor], size, ecfg.seed)]
+            result.domain.floor_sets[size] = real["domain_features"][select(chosen)]
+        result.metrics["rfid_domain_floor"] = setup.frechet(
+            reference_domain, GaussianStats.of(result.domain.floor_sets[n_recon]))
+        _real_sample_figures(result, setup, "domain", sample_count)
+        result.metrics["is_domain_real"], _ = inception_score(real["domain_probs"][select(
+            floor[balanced_indices(labels[floor], sample_count, ecfg.seed)])])
+        floor_note = (f"FID of {len(floor)} real {split} images disjoint from the reference (balanced, seed "
+                      f"{ecfg.seed + FLOOR_SEED_OFFSET}) at each FID's sizes")
+    result.how["reference"] = (
+        f"{len(reference)} {split} images, {len(reference) // max(1, len(np.unique(labels)))} per class, chosen "
+        f"by seed {ecfg.seed} (evaluate.reference_images); floors: {floor_note}")
     result.how["reconstruction"] = (
-        f"{n_recon} {split} images through encode/decode; PSNR on [0,1] pixels, SSIM with an 11x11 Gaussian "
-        f"window (sigma 1.5); rFID_domain vs {len(real['label'])} real images")
+        f"{n_recon} reference images (class-balanced) through encode/decode; PSNR on [0,1] pixels, SSIM with an "
+        f"11x11 Gaussian window (sigma 1.5); rFID_domain: their reconstructions vs the reference statistics")
     result.seconds["real_and_reconstruction_features"] = clock()
+    if nets.inception_path:
+        clock = Stopwatch()
+        reference_inception(ctx, setup, nets, val_ds, keys, labels, reference, floor, result)
+        result.seconds["real_inception_features"] = clock()
     result.files["reconstructions.png"] = reconstruction_grid(ctx, split, setup.image_size)
     return result
 
 
+def _disjoint_set(labels: np.ndarray, size: int, seed: int, exclude: np.ndarray) -> np.ndarray | None:
+    """A balanced set of `size` rows outside `exclude`, or None when the rows left cannot hold it."""
+    if len(exclude) >= len(labels):
+        return None
+    chosen = balanced_indices(labels, size, seed, exclude=exclude)
+    return chosen if len(chosen) == size // len(np.unique(labels)) * len(np.unique(labels)) else None
+
+
+def _real_sample_figures(result: Reconstruction, setup: Setup, space: str, size: int) -> None:
+    """What real images score where a sample set of `size` is scored, in feature `space`: the FID floor (a
+    disjoint real set against the reference) and its precision/recall against the reference subset."""
+    features = getattr(result, space)
+    floor = features.floor_sets[size]
+    result.metrics[f"fid_{space}_floor"] = setup.frechet(features.reference, GaussianStats.of(floor))
+    precision, recall = precision_recall(features.reference_subset, floor)
+    result.metrics[f"precision_{space}_real"], result.metrics[f"recall_{space}_real"] = precision, recall
+
+
+def features_by_key(ctx: StageContext, setup: Setup, nets: FeatureNetworks, dataset: ray.data.Dataset,
+                    keys: np.ndarray, parts: list[str], recon_parts: list[str] | None = None) -> dict[str, np.ndarray]:
+    """`ImageFeatures` of the rows with these image keys, in the order of `keys`."""
+    wanted = set(keys.tolist())
+    got = collect(dataset.filter(lambda row: row["key"] in wanted).map_batches(
+        ImageFeatures, fn_constructor_kwargs=image_features_args(
+            ctx, setup, nets, parts=parts, recon_parts=recon_parts, keep_images=False), **setup.pool))
+    position = {key: i for i, key in enumerate(got["key"])}
+    order = np.array([position[key] for key in keys], dtype=np.intp)
+    return {name: values[order] for name, values in got.items()}
+
+
 def reference_inception(ctx: StageContext, setup: Setup, nets: FeatureNetworks, val_ds: ray.data.Dataset,
-                        cap: int) -> tuple[GaussianStats, GaussianStats]:
-    """Inception statistics of the first `cap` real images (cached per ingest, weights file and cap) and
-    of their reconstructions (per run: the tokenizer changes). Writes the reference to the stage folder."""
-    split = setup.val_split
+                        keys: np.ndarray, labels: np.ndarray, reference: np.ndarray, floor: np.ndarray | None,
+                        result: Reconstruction) -> None:
+    """Inception features of balanced `inception_images`-subsets of the reference set, its reconstructions
+    and the floor set: rFID, its floor and the sets samples are compared with. The reference statistics are
+    cached per ingest, subset and weights file, and written to the stage folder."""
+    ecfg, split = setup.ecfg, setup.val_split
+    cap = min(ecfg.inception_images or len(reference), len(reference))
+    subset = reference[balanced_indices(labels[reference], cap, ecfg.seed)]
+    cap = result.inception_cap = len(subset)
+    sample_cap = min(cap, setup.samples_per_set)
+    pick = balanced_indices(labels[subset], sample_cap, ecfg.seed)  # the reference subset samples meet
     inception_name = Path(nets.inception_path).name
-    # "first": the first `cap` images in shard order (caches of older, timing-dependent subsets are not reused)
-    cache_key = f"ref-inception-{ctx.inputs['ingest'].fingerprint}-{split}-first{cap}-{inception_name}.npz"
+    cache_key = (f"ref-inception-{ctx.inputs['ingest'].fingerprint}-{split}-balanced{cap}-seed{ecfg.seed}-"
+                 f"{inception_name}.npz")
     cached = ctx.run_dir.exists(CACHE, cache_key)
-    features = collect(val_ds.limit(cap).map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
-        ctx, setup, nets, parts=[] if cached else ["inception"], recon_parts=["inception"], keep_images=False),
-        **setup.pool))
+    real = features_by_key(ctx, setup, nets, val_ds, keys[subset], parts=[] if cached else ["inception"],
+                           recon_parts=["inception"])
     if cached:
-        reference = GaussianStats.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, cache_key)))
+        stored = np.load(io.BytesIO(ctx.run_dir.read_bytes(CACHE, cache_key)))
+        reference_stats = GaussianStats(stored["mu"], stored["sigma"], int(stored["count"]))
+        reference_subset = stored["subset"]
     else:
-        reference = GaussianStats.of(features["inception"])
-        reference.save(buffer := io.BytesIO())
+        reference_stats, reference_subset = GaussianStats.of(real["inception"]), real["inception"][pick]
+        np.savez(buffer := io.BytesIO(), mu=reference_stats.mu, sigma=reference_stats.sigma,
+                 count=reference_stats.count, subset=reference_subset)
         ctx.run_dir.write_bytes(buffer.getvalue(), CACHE, cache_key)
-    reference.save(buffer := io.BytesIO())
+    reference_stats.save(buffer := io.BytesIO())
     ctx.run_dir.write_bytes(buffer.getvalue(), ctx.folder, f"ref_stats_{split}.npz")
-    return reference, GaussianStats.of(features["recon_inception"])
+    result.inception = RealFeatures(reference_stats, reference_subset)
+    result.metrics["rfid_inception"] = setup.frechet(reference_stats, GaussianStats.of(real["recon_inception"]))
+    floor_note = "no floor: the split has too few images beyond the reference set"
+    if floor is not None and len(floor) >= cap:
+        floor_subset = floor[balanced_indices(labels[floor], cap, ecfg.seed)]
+        floor_features = features_by_key(ctx, setup, nets, val_ds, keys[floor_subset], parts=["inception"])
+        for size in sorted({cap, sample_cap}):
+            chosen = balanced_indices(labels[floor_subset], size, ecfg.seed)
+            result.inception.floor_sets[size] = floor_features["inception"][chosen]
+        result.metrics["rfid_inception_floor"] = setup.frechet(
+            reference_stats, GaussianStats.of(result.inception.floor_sets[cap]))
+        _real_sample_figures(result, setup, "inception", sample_cap)
+        floor_note = f"floor: {cap} real {split} images disjoint from the reference"
+    result.how["fid_inception"] = (
+        f"TF-Inception pool3 (2048-d, {inception_name}), 8-bit input, TF1 bilinear resize to 299, float64 "
+        f"Frechet distance by {ecfg.fid_method}; reference: {cap} {split} images (class-balanced, seed "
+        f"{ecfg.seed}, evaluate.inception_images), cached as {ctx.folder}/ref_stats_{split}.npz; rFID on their "
+        f"reconstructions; samples: a balanced subset of {sample_cap} per set; {floor_note}")
 
 
 def reconstruction_grid(ctx: StageContext, split: str, image_size: int) -> bytes:

@@ -1,5 +1,11 @@
-"""Part 3, samples: class-balanced samples (over-sampled for rejection), decoded and scored by the domain
-classifier; FID/IS in the domain features, FID with Inception when available; the sample grid and file."""
+"""Part 3, samples: class-balanced samples, decoded and scored by the evaluation network (the domain
+classifier), and by TF-Inception when available.
+
+Two sample sets of samples_per_class per class are scored the same way: all samples (the first drawn of each
+class: the paper's protocol, acceptance 1.0) and, with rejection, the accepted ones: ceil(samples_per_class /
+rejection_acceptance) drawn per class, the rejection network (not the evaluation network) keeps the most
+likely of their intended class. Each set gets FID, IS, class agreement and precision/recall (k = 3) beside
+what real images score at the same size (part 2's floors)."""
 from __future__ import annotations
 
 import io
@@ -12,14 +18,17 @@ import torch
 from pipeline.metrics.extractors import ImageFeatures, SampleImages
 from pipeline.metrics.fid import GaussianStats
 from pipeline.metrics.inception_score import inception_score
+from pipeline.metrics.precision_recall import precision_recall
+from pipeline.metrics.subsets import balanced_indices
 from pipeline.models.sampling import balanced_labels
 from pipeline.stage import StageContext
 from pipeline.viz import make_grid
 from stages.evaluate.common import PartResult, Setup, Stopwatch, collect
-from stages.evaluate.feature_networks import FeatureNetworks, image_features_args
+from stages.evaluate.feature_networks import FeatureNetworks, describe, image_features_args
 from stages.evaluate.reconstruction import Reconstruction
 
 GRID_PER_ROW = 10  # samples per class row in the grid, at most
+ACCEPTED = "_accepted"  # the suffix of the rejection-sampled set's figures
 
 
 @dataclass
@@ -36,42 +45,52 @@ def samples(ctx: StageContext, setup: Setup, nets: FeatureNetworks, recon: Recon
     result = Samples(seconds={"sampling": clock()},
                      sampling={**sampling, "samples_per_class": per_class, "seed": ecfg.seed,
                                "rejection_acceptance": ecfg.rejection_acceptance})
+    sets = {"": first_per_class(drawn["label"], per_class)}
     if ecfg.rejection_acceptance:
-        drawn, result.metrics["acceptance_rate"] = rejection(drawn, per_class)
-        result.how["rejection"] = (f"drew {draw} per class, kept the {per_class} the domain classifier finds most "
-                                   f"likely of their intended class")
-    result.metrics["samples"] = float(len(drawn["label"]))
-    result.counts["samples"] = int(result.metrics["samples"])
-    result.metrics["fid_domain"] = setup.frechet(recon.reference_domain, GaussianStats.of(drawn["domain_features"]))
-    result.metrics["is_domain"], result.metrics["is_domain_std"] = inception_score(drawn["domain_probs"])
-    result.metrics["sample_class_agreement_domain"] = float(
-        (drawn["domain_probs"].argmax(1) == drawn["label"]).mean())
-    if nets.inception_path:
-        clock = Stopwatch()
-        result.metrics["fid_inception"] = sample_fid_inception(ctx, setup, nets, recon, drawn)
-        result.seconds["sample_inception_features"] = clock()
-    if ecfg.inception_is_weights:
-        result.metrics["is_inception"], result.metrics["is_inception_std"] = is_from_torch_fidelity(
-            drawn["image"], ecfg.inception_is_weights)
-        result.how["is_inception"] = "torch-fidelity inception-v3-compat logits, 10 splits"
-    else:
-        result.how["is_inception"] = ("unavailable: the offline FID network has no logits; set "
-                                      "evaluate.inception_is_weights to torch-fidelity's weights-inception-2015-12-05 "
-                                      "file")
-    state, info = nets.domain_state, nets.domain_info
-    result.how["domain"] = (f"CNN (width {state['width']}) trained on {info['train_images']} train images for "
-                            f"{info['epochs']} epochs (val top-1 {info['val_top1']:.3f}); "
-                            f"{state['feature_dim']}-d penultimate features; IS over 10 splits")
-    result.files["samples_grid.png"] = grid_png(drawn["image"], drawn["label"], min(per_class, GRID_PER_ROW))
+        sets[ACCEPTED] = rejection(drawn["rejection_probs"], drawn["label"], per_class)
+        result.metrics["acceptance_rate"] = len(sets[ACCEPTED]) / len(drawn["label"])
+        result.how["rejection"] = (
+            f"drew {draw} per class, kept the {per_class} the rejection network ({describe(nets.rejection)}) "
+            f"finds most likely of their intended class; every figure is graded by the evaluation network "
+            f"({describe(nets.evaluation)}). Figures without a suffix: the first {per_class} drawn per class "
+            f"(acceptance 1.0); '{ACCEPTED}': the kept ones; acceptance_rate: kept / drawn")
+    result.counts.update({"samples_drawn": len(drawn["label"]), "samples": len(sets[""])})
+    result.metrics["samples"] = float(len(sets[""]))
+    for suffix, index in sets.items():
+        chosen = {name: values[index] for name, values in drawn.items()}
+        result.metrics.update(domain_figures(chosen, recon, setup, suffix))
+        if nets.inception_path:
+            clock = Stopwatch()
+            result.metrics.update(inception_figures(ctx, setup, nets, recon, chosen, suffix))
+            result.seconds[f"sample_inception_features{suffix}"] = clock()
+        if ecfg.inception_is_weights:
+            result.metrics[f"is_inception{suffix}"], result.metrics[f"is_inception_std{suffix}"] = \
+                is_from_torch_fidelity(chosen["image"], ecfg.inception_is_weights)
+    result.how["is_inception"] = (
+        "torch-fidelity inception-v3-compat logits, 10 splits after a fixed shuffle" if ecfg.inception_is_weights
+        else "unavailable: the offline FID network has no logits; set evaluate.inception_is_weights to "
+             "torch-fidelity's weights-inception-2015-12-05 file")
+    state = nets.evaluation.state
+    result.how["domain"] = (
+        f"evaluation network: {describe(nets.evaluation)}; {state['feature_dim']}-d penultimate features for FID "
+        f"and precision/recall (k = 3, against a balanced reference subset of the same size), its softmax for "
+        f"IS (10 splits after a fixed shuffle: order-free) and class agreement")
+    shown = sets.get(ACCEPTED, sets[""])
+    result.files["samples_grid.png"] = grid_png(drawn["image"][shown], drawn["label"][shown],
+                                                min(per_class, GRID_PER_ROW))
+    accepted = np.zeros(len(drawn["label"]), dtype=bool)
+    accepted[sets.get(ACCEPTED, sets[""])] = True
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=drawn["image"], labels=drawn["label"], codes=drawn["codes"])
+    np.savez_compressed(buffer, images=drawn["image"], labels=drawn["label"], codes=drawn["codes"],
+                        first_per_class=np.isin(np.arange(len(accepted)), sets[""]), accepted=accepted)
     result.files["samples.npz"] = buffer.getvalue()
     return result
 
 
 def draw_samples(ctx: StageContext, setup: Setup, nets: FeatureNetworks,
                  sampling: dict) -> tuple[dict[str, np.ndarray], int]:
-    """`draw` samples per class with their domain features, sorted by label (stable); returns them and draw."""
+    """`draw` samples per class with their evaluation-network features (and rejection-network probabilities
+    when rejecting), sorted by label (stable: draw order within a class); returns them and draw."""
     ecfg, per_class = setup.ecfg, setup.ecfg.samples_per_class
     draw = int(np.ceil(per_class / ecfg.rejection_acceptance)) if ecfg.rejection_acceptance else per_class
     labels = balanced_labels(max(setup.num_classes, 1), draw).numpy()
@@ -83,33 +102,59 @@ def draw_samples(ctx: StageContext, setup: Setup, nets: FeatureNetworks,
                                              **setup.actor_args},
         **{**setup.pool, "batch_size": 1})  # a chunk per call: each chunk carries its own seed
     drawn = collect(sampled.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
-        ctx, setup, nets, parts=["domain"], recon_parts=None, keep_images=True), **setup.pool))
+        ctx, setup, nets, parts=["domain"], recon_parts=None, keep_images=True,
+        rank_for_rejection=bool(ecfg.rejection_acceptance)), **setup.pool))
     # `collect` keeps the chunks' order, so "stable" means the same order on every run (ties in rejection too).
     order = np.lexsort((np.arange(len(drawn["label"])), drawn["label"]))
     return {k: v[order] for k, v in drawn.items()}, draw
 
 
-def sample_fid_inception(ctx: StageContext, setup: Setup, nets: FeatureNetworks, recon: Reconstruction,
-                         drawn: dict[str, np.ndarray]) -> float:
-    """Inception FID of the first `inception_cap` kept samples against the reference statistics."""
-    cap = recon.inception_cap
-    kept = ray.data.from_items([{"image": image, "label": label} for image, label in
-                                zip(drawn["image"][:cap], drawn["label"][:cap])])
-    inception = collect(kept.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
-        ctx, setup, nets, parts=["inception"], recon_parts=None, keep_images=False), **setup.pool))
-    return setup.frechet(recon.reference_inception, GaussianStats.of(inception["inception"]))
+def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` rows of every class, in row order: an unselected sample set."""
+    rank = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        rank[index] = np.arange(len(index))
+    return np.flatnonzero(rank < per_class)
 
 
-def rejection(drawn: dict, per_class: int) -> tuple[dict, float]:
-    """Per class, keep the `per_class` candidates the domain classifier finds most likely of that class;
-    returns the kept samples and the fraction kept."""
-    scores = drawn["domain_probs"][np.arange(len(drawn["label"])), drawn["label"]]
+def rejection(scores: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Per class, the indices (sorted) of the `per_class` candidates the ranking network's probabilities
+    `scores` find most likely of that class; ties keep row order."""
+    likelihood = scores[np.arange(len(labels)), labels]
     keep = []
-    for label in np.unique(drawn["label"]):
-        index = np.flatnonzero(drawn["label"] == label)
-        keep.extend(index[np.argsort(-scores[index])[:per_class]])
-    keep = np.sort(np.asarray(keep))
-    return {k: v[keep] for k, v in drawn.items()}, len(keep) / len(drawn["label"])
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        keep.extend(index[np.argsort(-likelihood[index], kind="stable")[:per_class]])
+    return np.sort(np.asarray(keep, dtype=np.intp))
+
+
+def domain_figures(chosen: dict[str, np.ndarray], recon: Reconstruction, setup: Setup,
+                   suffix: str) -> dict[str, float]:
+    """FID, IS, class agreement and precision/recall of one sample set in the evaluation network's space."""
+    features = chosen["domain_features"]
+    figures = {"fid_domain": setup.frechet(recon.domain.reference, GaussianStats.of(features))}
+    figures["is_domain"], figures["is_domain_std"] = inception_score(chosen["domain_probs"])
+    figures["sample_class_agreement_domain"] = float((chosen["domain_probs"].argmax(1) == chosen["label"]).mean())
+    figures["precision_domain"], figures["recall_domain"] = precision_recall(recon.domain.reference_subset,
+                                                                             features)
+    return {f"{name}{suffix}": value for name, value in figures.items()}
+
+
+def inception_figures(ctx: StageContext, setup: Setup, nets: FeatureNetworks, recon: Reconstruction,
+                      chosen: dict[str, np.ndarray], suffix: str) -> dict[str, float]:
+    """Inception FID and precision/recall of a balanced, seeded subset of one sample set, as large as the
+    reference subset it meets (evaluate.inception_images caps both)."""
+    size = len(recon.inception.reference_subset)
+    pick = balanced_indices(chosen["label"], size, setup.ecfg.seed)
+    kept = ray.data.from_items([{"image": image, "label": label} for image, label in
+                                zip(chosen["image"][pick], chosen["label"][pick])])
+    features = collect(kept.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
+        ctx, setup, nets, parts=["inception"], recon_parts=None, keep_images=False), **setup.pool))["inception"]
+    figures = {"fid_inception": setup.frechet(recon.inception.reference, GaussianStats.of(features))}
+    figures["precision_inception"], figures["recall_inception"] = precision_recall(
+        recon.inception.reference_subset, features)
+    return {f"{name}{suffix}": value for name, value in figures.items()}
 
 
 def is_from_torch_fidelity(images: np.ndarray, weights: str) -> tuple[float, float]:
