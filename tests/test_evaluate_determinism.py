@@ -30,7 +30,7 @@ EVALUATE_TINY = [
     "evaluate.recon_images=40", "evaluate.reference_images=100", "evaluate.inception_fid=false",
     "evaluate.domain_train_images=150", "evaluate.domain_epochs=1", "evaluate.domain_width=4",
     "evaluate.probe_train_images=150", "evaluate.probe_val_images=90", "evaluate.batch_size=20",
-    "evaluate.cpus_per_actor=0.5", "evaluate.cpus_per_task=0.25", "evaluate.fid_method=eigh"]
+    "evaluate.cpus_per_actor=1.5", "evaluate.cpus_per_task=0.25", "evaluate.fid_method=eigh"]  # the demo's pool
 # Figures of the real images, the tokenizer, the domain classifier and the probe: none depends on sampling.
 NOT_SAMPLING = ("domain_classifier_val_top1", "rejection_classifier_val_top1", "recon_psnr", "recon_ssim",
                 "recon_images", "recon_usage_per_256", "recon_perplexity", "rfid_domain", "rfid_domain_floor",

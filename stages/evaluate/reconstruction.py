@@ -57,7 +57,7 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
     ecfg, split = setup.ecfg, setup.val_split
     clock = Stopwatch()
     val_ds = shard_dataset(ctx, split, read_cpus=ecfg.cpus_per_task)
-    listing = collect(val_ds.select_columns(["key", "label"]))
+    listing = collect(val_ds.select_columns(["key", "label"], num_cpus=ecfg.cpus_per_task))
     keys, labels = listing["key"], listing["label"]
     sample_count = setup.samples_per_set
     reference = balanced_indices(labels, ecfg.reference_images or len(labels), ecfg.seed)
@@ -136,7 +136,9 @@ def features_by_key(ctx: StageContext, setup: Setup, nets: FeatureNetworks, data
                     keys: np.ndarray, parts: list[str], recon_parts: list[str] | None = None) -> dict[str, np.ndarray]:
     """`ImageFeatures` of the rows with these image keys, in the order of `keys`."""
     wanted = set(keys.tolist())
-    got = collect(dataset.filter(lambda row: row["key"] in wanted).map_batches(
+    # The filter's tasks take the read tasks' CPUs: at Ray's default of 1 they would wait forever beside an
+    # actor pool that holds the rest of a small machine.
+    got = collect(dataset.filter(lambda row: row["key"] in wanted, num_cpus=setup.ecfg.cpus_per_task).map_batches(
         ImageFeatures, fn_constructor_kwargs=image_features_args(
             ctx, setup, nets, parts=parts, recon_parts=recon_parts, keep_images=False), **setup.pool))
     position = {key: i for i, key in enumerate(got["key"])}
