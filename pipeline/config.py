@@ -259,7 +259,8 @@ class EvaluateConfig(Section):
     seed: Int = 0
     # metrics
     recon_images: Int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
-    reference_images: Int | None = Field(None, ge=2, description="real val images for FID stats; null: all")
+    reference_images: Int | None = Field(
+        None, ge=2, description="real val images for FID stats, class-balanced; null: the smallest class's count")
     inception_images: Int | None = Field(None, ge=2, description="cap per set on Inception features (CPU cost)")
     fid_method: Literal["sqrtm", "eigh"] = Field(
         "sqrtm", description="matrix square root for FID: scipy sqrtm (reference) or the symmetric eigh route")

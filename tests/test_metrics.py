@@ -9,7 +9,7 @@ from pipeline.metrics.image_quality import psnr, ssim
 from pipeline.metrics.inception_score import inception_score
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.probe import linear_probe
-from pipeline.metrics.subsets import balanced_indices, disjoint_balanced_halves
+from pipeline.metrics.subsets import balanced_indices
 from pipeline.models.sampling import (SamplingSettings, balanced_labels, filter_logits, guided_logits,
                                       sample_tokens)
 from pipeline.models.transformer import TransformerSettings, VIMTransformer
@@ -191,17 +191,6 @@ def test_balanced_indices_honour_exclude_and_reach_every_class_of_sorted_labels(
     # Excluding a whole class leaves the remaining classes only.
     assert set(_class_counts(labels, balanced_indices(labels, 90, seed=0, exclude=np.arange(30)))) == \
         set(range(1, 10))
-
-
-def test_disjoint_balanced_halves():
-    labels = np.random.default_rng(10).permutation(np.repeat(np.arange(5), 40))
-    first, second = disjoint_balanced_halves(labels, 50, seed=1)
-    assert len(np.intersect1d(first, second)) == 0
-    assert _class_counts(labels, first) == _class_counts(labels, second) == {label: 10 for label in range(5)}
-    assert np.array_equal(first, np.unique(first)) and np.array_equal(second, np.unique(second))
-    assert np.array_equal(first, balanced_indices(labels, 50, seed=1))  # one half is the plain subset
-    with pytest.raises(ValueError, match="smallest class has 40"):
-        disjoint_balanced_halves(labels, 5 * 21, seed=1)
 
 
 def test_probe_separates_separable_features_and_not_random_labels():

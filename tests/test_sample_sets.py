@@ -3,7 +3,9 @@ rejection ranks by the network it is given (not the one that grades), capped set
 their names say."""
 import numpy as np
 
+from pipeline.metrics.subsets import balanced_indices
 from stages.evaluate import evaluation_table
+from stages.evaluate.reconstruction import disjoint_set
 from stages.evaluate.samples import first_per_class, rejection
 
 
@@ -36,3 +38,13 @@ def test_the_table_puts_each_set_and_its_floor_in_its_own_column():
     assert "| FID (domain) | 12.5 | 9.25 | 3 |" in table
     assert "| rFID (domain) | 4 | 1.5 |" in table
     assert "| FID (Inception) | n/a | n/a | n/a |" in table and "kept / drawn): 0.5" in table
+
+
+def test_the_floor_set_is_disjoint_from_the_reference_and_balanced():
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(5), 30))
+    reference = balanced_indices(labels, 100, seed=0)  # 20 of each class
+    floor = disjoint_set(labels, 50, seed=1, exclude=reference)
+    assert len(np.intersect1d(floor, reference)) == 0 and len(floor) == 50
+    assert np.bincount(labels[floor]).tolist() == [10] * 5
+    assert disjoint_set(labels, 55, seed=1, exclude=reference) is None  # 11 per class: only 10 are left
+    assert disjoint_set(labels, 50, seed=1, exclude=np.arange(len(labels))) is None

@@ -18,22 +18,6 @@ def balanced_indices(labels: np.ndarray, total: int, seed: int, exclude: np.ndar
     return np.sort(np.concatenate([_permuted(rows, rng)[:per_class] for rows in rows_by_class]))
 
 
-def disjoint_balanced_halves(labels: np.ndarray, per_set_total: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint, equally sized, class-balanced index sets (sorted), e.g. for an FID noise floor
-    between two real sets. Each holds per_set_total // classes rows of every class."""
-    rows_by_class = _rows_by_class(labels, None)
-    per_class = _per_class_quota(per_set_total, len(rows_by_class))
-    smallest = min(len(rows) for rows in rows_by_class)
-    if 2 * per_class > smallest:
-        raise ValueError(f"two disjoint sets of {per_class} rows per class need {2 * per_class} rows in every "
-                         f"class, but the smallest class has {smallest}")
-    rng = np.random.default_rng(seed)
-    permuted = [_permuted(rows, rng) for rows in rows_by_class]
-    first = np.sort(np.concatenate([rows[:per_class] for rows in permuted]))
-    second = np.sort(np.concatenate([rows[per_class:2 * per_class] for rows in permuted]))
-    return first, second
-
-
 def _rows_by_class(labels: np.ndarray, exclude: np.ndarray | None) -> list[np.ndarray]:
     """Indices of each class present (classes in ascending order), each in ascending index order."""
     labels = np.asarray(labels)

@@ -53,8 +53,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     print("\n" + table)
     for key, text in merged.how.items():
         print(f"  [{key}] {text}")
-    return StageResult(outputs={"metrics": "metrics.json", "table": "metrics.md", **{n: n for n in merged.files}}, counts=merged.counts,
-                       metrics=merged.metrics, details={"how": merged.how, "seconds": merged.seconds})
+    return StageResult(outputs={"metrics": "metrics.json", "table": "metrics.md", **{n: n for n in merged.files}},
+                       counts=merged.counts, metrics=merged.metrics,
+                       details={"how": merged.how, "seconds": merged.seconds})
 
 
 def merge(parts: tuple[PartResult, ...]) -> PartResult:

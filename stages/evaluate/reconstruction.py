@@ -63,7 +63,7 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
     reference = balanced_indices(labels, ecfg.reference_images or len(labels), ecfg.seed)
     recon = reference[balanced_indices(labels[reference], ecfg.recon_images, ecfg.seed)]
     floor_size = max(len(recon), sample_count)
-    floor = _disjoint_set(labels, floor_size, ecfg.seed + FLOOR_SEED_OFFSET, exclude=reference)
+    floor = disjoint_set(labels, floor_size, ecfg.seed + FLOOR_SEED_OFFSET, exclude=reference)
 
     real_rows = reference if floor is None else np.union1d(reference, floor)
     real = features_by_key(ctx, setup, nets, val_ds, keys[real_rows], parts=["domain"])
@@ -114,8 +114,9 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
     return result
 
 
-def _disjoint_set(labels: np.ndarray, size: int, seed: int, exclude: np.ndarray) -> np.ndarray | None:
-    """A balanced set of `size` rows outside `exclude`, or None when the rows left cannot hold it."""
+def disjoint_set(labels: np.ndarray, size: int, seed: int, exclude: np.ndarray) -> np.ndarray | None:
+    """A balanced set of `size` rows (size // classes of each) outside `exclude`, or None when the rows left
+    cannot hold it: a smaller floor set would be a floor at other sizes than the FID it stands beside."""
     if len(exclude) >= len(labels):
         return None
     chosen = balanced_indices(labels, size, seed, exclude=exclude)
