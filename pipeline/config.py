@@ -255,7 +255,7 @@ class EvaluateConfig(Section):
     top_p: Float = Field(1.0, gt=0, le=1, description="1: off")
     guidance_scale: Float = Field(1.0, ge=0, description="classifier-free guidance; needs label_dropout > 0")
     rejection_acceptance: Float | None = Field(
-        None, gt=0, le=1, description="keep this fraction of candidates, ranked by the domain classifier")
+        None, gt=0, le=1, description="keep this fraction of candidates, ranked by the rejection network")
     seed: Int = 0
     # metrics
     recon_images: Int = Field(2048, ge=2, description="val images for rFID, PSNR, SSIM and codebook usage")
