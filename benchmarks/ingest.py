@@ -57,7 +57,7 @@ def bare_loop(cfg) -> float:
 def measure(name: str, cfg) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     with PeakMemory() as memory:
-        outcome = run_pipeline(cfg, str(run_dir / "run"))[0]
+        outcome = run_pipeline(cfg, str(run_dir / "run"), only="ingest")[0]
     metrics = outcome.manifest.metrics
     bare = bare_loop(cfg)
     shutil.rmtree(run_dir)
