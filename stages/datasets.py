@@ -7,19 +7,22 @@ from pipeline.stage import StageContext
 
 
 def shard_dataset(ctx: StageContext, split: str, files: list[str] | None = None,
-                  read_cpus: float | None = None, with_source: bool = False) -> ray.data.Dataset:
+                  read_cpus: float | None = None, with_source: bool = False,
+                  with_images: bool = True) -> ray.data.Dataset:
     """A split's WebDataset shards from the ingest stage's outputs (or the given subset, of any split) as rows
-    {image: HWC uint8, label: int, key: str}, plus `shard` (the file each row came from) with `with_source`.
+    {image: HWC uint8, label: int, key: str}, plus `shard` (the file each row came from) with `with_source`;
+    without `with_images`, {label, key} only, and no image is decoded.
     `read_cpus`: CPUs per read task (Ray's default is 1, too many beside an actor pool on 2 cores)."""
     ingest = ctx.inputs["ingest"]
     files = files if files is not None else ingest.outputs["shards"].get(split)
     if not files:
         raise ValueError(f"the ingest stage wrote no '{split}' shards")
     image_format = ingest.outputs["image_format"]
+    suffixes = [image_format, "cls"] if with_images else ["cls"]
     dataset = ray.data.read_webdataset([ctx.uri_of("ingest", name) for name in files],
-                                       suffixes=[image_format, "cls"], num_cpus=read_cpus,
+                                       suffixes=suffixes, num_cpus=read_cpus,
                                        override_num_blocks=len(files))  # a block per shard, not 20
-    columns = {"__key__": "key", image_format: "image", "cls": "label"}
+    columns = {"__key__": "key", **({image_format: "image"} if with_images else {}), "cls": "label"}
     if with_source:
         columns["__url__"] = "shard"
     return dataset.select_columns(list(columns), num_cpus=read_cpus).rename_columns(columns, num_cpus=read_cpus)

@@ -57,7 +57,7 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
     ecfg, split = setup.ecfg, setup.val_split
     clock = Stopwatch()
     val_ds = shard_dataset(ctx, split, read_cpus=ecfg.cpus_per_task)
-    listing = collect(val_ds.select_columns(["key", "label"], num_cpus=ecfg.cpus_per_task))
+    listing = collect(shard_dataset(ctx, split, read_cpus=ecfg.cpus_per_task, with_images=False))
     keys, labels = listing["key"], listing["label"]
     sample_count = setup.samples_per_set
     reference = balanced_indices(labels, ecfg.reference_images or len(labels), ecfg.seed)
@@ -89,14 +89,13 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
                                                   GaussianStats.of(recon_features["recon_domain_features"]))
     floor_note = "unavailable: the split has too few images beyond the reference set"
     if floor is not None:
-        for size in sorted({n_recon, sample_count}):
-            chosen = floor[balanced_indices(labels[floor], size, ecfg.seed)]
-            result.domain.floor_sets[size] = real["domain_features"][select(chosen)]
+        floor_rows = {size: select(floor[balanced_indices(labels[floor], size, ecfg.seed)])
+                      for size in {n_recon, sample_count}}
+        result.domain.floor_sets = {size: real["domain_features"][rows] for size, rows in floor_rows.items()}
         result.metrics["rfid_domain_floor"] = setup.frechet(
             reference_domain, GaussianStats.of(result.domain.floor_sets[n_recon]))
         _real_sample_figures(result, setup, "domain", sample_count)
-        result.metrics["is_domain_real"], _ = inception_score(real["domain_probs"][select(
-            floor[balanced_indices(labels[floor], sample_count, ecfg.seed)])])
+        result.metrics["is_domain_real"], _ = inception_score(real["domain_probs"][floor_rows[sample_count]])
         floor_note = (f"FID of {len(floor)} real {split} images disjoint from the reference (balanced, seed "
                       f"{ecfg.seed + FLOOR_SEED_OFFSET}) at each FID's sizes")
     result.how["reference"] = (
