@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
 
-.PHONY: setup demo sweep-demo test bench ray-up ray-down clean tpu-env xla-check
+.PHONY: setup demo sweep-demo test bench bench-peers ray-up ray-down clean tpu-env xla-check
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench: setup
 	$(PY) benchmarks/tokenizer.py --out bench-out/tokenizer.json
 	$(PY) benchmarks/pretokenize.py --out bench-out/pretokenize.json
 	$(PY) benchmarks/transformer.py --out bench-out/transformer.json
+
+# Side-by-side CPU speed against LlamaGen and enhancing-transformers, imported from ../shared/peer-bench
+# (skipped with a message where that folder is absent).
+bench-peers: setup
+	$(PY) benchmarks/peers.py --out benchmarks/results/peers-cpu.json
 
 # The TPU stack: torch_xla 2.9.0 pins torch 2.9.0, so it lives in its own environment (several GB).
 tpu-env: $(TPU_VENV)/.installed

@@ -215,3 +215,130 @@ def test_inconsistent_tokenizer_settings_are_named():
         build_config({}, ["tokenizer.output_head=linear"])
     with pytest.raises(ConfigError, match="patch_size"):
         build_config({}, ["tokenizer.image_size=30"])
+
+
+# ---- the fast paths against the plain maths they replace ------------------------------------------
+
+
+def _plain_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """The attention as the model computed it before (one permute of the qkv output), with the softmax
+    written out instead of the fused kernel."""
+    batch, tokens, dim = x.shape
+    q, k, v = attn.qkv(x).view(batch, tokens, 3, attn.heads, dim // attn.heads).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // attn.heads), dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def _previous_attention(attn, x: torch.Tensor) -> torch.Tensor:
+    """The attention exactly as the model computed it before (permute, fused kernel)."""
+    batch, tokens, dim = x.shape
+    q, k, v = attn.qkv(x).view(batch, tokens, 3, attn.heads, dim // attn.heads).permute(2, 0, 3, 1, 4)
+    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def _previous_blocks(blocks, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = x + _previous_attention(block.attn, block.norm1(x))
+        x = x + block.mlp(block.norm2(x))
+    return x
+
+
+def _previous_encoder(encoder, images: torch.Tensor) -> torch.Tensor:
+    x = encoder.patch(images).flatten(2).transpose(1, 2) + encoder.pos  # the strided stream it used to carry
+    return encoder.head(encoder.norm(_previous_blocks(encoder.blocks, x)))
+
+
+def _previous_decoder(decoder, tokens: torch.Tensor) -> torch.Tensor:
+    patches = decoder.head(decoder.norm(_previous_blocks(decoder.blocks, tokens + decoder.pos)))
+    batch, p, g, c = patches.shape[0], decoder.patch_size, decoder.grid, decoder.out_channels
+    return patches.view(batch, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(batch, c, g * p, g * p)
+
+
+def _previous_codes(model: ViTVQGAN, images: torch.Tensor) -> torch.Tensor:
+    quantizer = model.quantizer
+    latent = F.normalize(quantizer.proj_in(_previous_encoder(model.encoder, images * 2 - 1)), dim=-1)
+    codes = nearest_code(latent.reshape(-1, latent.shape[-1]), F.normalize(quantizer.codebook, dim=-1), True)
+    return codes.view(images.shape[0], model.settings.grid, model.settings.grid)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 64, 4), (3, 64, 128, 8), (1, 7, 96, 2)])
+def test_attention_equals_the_plain_maths_with_its_gradients(shape):
+    from pipeline.models.vit import Attention
+
+    batch, tokens, dim, heads = shape
+    torch.manual_seed(0)
+    attn = Attention(dim, heads).double()
+    x = torch.randn(batch, tokens, dim, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(batch, tokens, dim, dtype=torch.float64)
+    ours, plain = attn(x), _plain_attention(attn, x)
+    assert torch.allclose(ours, plain, atol=1e-12)
+    got = torch.autograd.grad(ours, [x, *attn.parameters()], grad)
+    want = torch.autograd.grad(plain, [x, *attn.parameters()], grad)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-11)
+    # In float32 it is the very computation the permuted layout did.
+    attn, x = attn.float(), x.detach().float()
+    assert torch.equal(attn(x), _previous_attention(attn, x))
+
+
+def test_the_encoder_carries_a_contiguous_residual_stream():
+    from pipeline.models.vit import ViTEncoder
+    from pipeline.models.settings import VIT_SIZES
+
+    encoder = ViTEncoder(VIT_SIZES["tiny"], image_size=16, patch_size=4)
+    seen = []
+    for block in encoder.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    encoder(torch.rand(2, 3, 16, 16))
+    assert seen == [True] * len(encoder.blocks)
+
+
+@pytest.mark.parametrize("size,image,patch,batch", [("mini", 32, 4, 8), ("tiny", 48, 8, 5)])
+def test_encode_gives_the_codes_of_the_previous_path(size, image, patch, batch):
+    torch.manual_seed(0)
+    model = ViTVQGAN(TokenizerSettings(image_size=image, patch_size=patch, encoder=size, decoder=size,
+                                       codebook_size=512, codebook_dim=32)).eval()
+    images = torch.rand(batch, 3, image, image)
+    with torch.no_grad():
+        assert torch.allclose(model.encoder(images * 2 - 1), _previous_encoder(model.encoder, images * 2 - 1),
+                              atol=1e-6)
+        codes = model.encode(images)
+        assert torch.equal(codes, _previous_codes(model, images))
+    assert len(codes.unique()) > 8  # a real test of the lookup, not one code everywhere
+
+
+def test_training_step_matches_the_previous_path_in_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = ViTVQGAN(TokenizerSettings(image_size=32, patch_size=4, encoder="mini", decoder="mini",
+                                       codebook_size=256, codebook_dim=16)).train()
+    images = torch.rand(4, 3, 32, 32)
+
+    def loss_of(reconstruction, raw, losses):
+        return (F.mse_loss(reconstruction, images) + logit_laplace_nll(images, raw["mu"], raw["log_b"])
+                + sum(losses.values()))
+
+    reconstruction, raw, quantized = model(images)
+    ours = loss_of(reconstruction, raw, quantized.losses)
+    got = torch.autograd.grad(ours, list(model.parameters()))
+
+    q = model.quantizer(_previous_encoder(model.encoder, images * 2 - 1))
+    previous_raw = _previous_decoder(model.decoder, model.bridge(q.quantized))
+    assert torch.equal(q.codes, quantized.codes)
+    previous = loss_of(model._pixels(previous_raw), model._split(previous_raw), q.losses)
+    assert torch.allclose(ours, previous, rtol=1e-6)
+    want = torch.autograd.grad(previous, list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def test_batch_stats_from_shared_counts_equal_the_plain_formulas():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(8, QuantizerSettings(codebook_size=64, codebook_dim=4, dead_code_threshold=0.5))
+    quantizer.usage[:10] = 0.1  # ten codes below the threshold
+    codes = torch.randint(0, 40, (300,))
+    stats = quantizer._batch_stats(torch.bincount(codes, minlength=64).float())
+    counts = torch.bincount(codes, minlength=64).float()
+    probs = counts[counts > 0] / counts.sum()
+    assert stats["usage_batch"] == pytest.approx(float((counts > 0).float().mean()))
+    assert stats["perplexity_batch"] == pytest.approx(float(torch.exp(-(probs * probs.log()).sum())), rel=1e-6)
+    assert stats["dead_codes"] == 10

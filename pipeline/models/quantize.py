@@ -95,11 +95,16 @@ class VectorQuantizer(nn.Module):
         losses = {"commitment": self.beta * commitment}
         if not self.ema:
             losses["codebook"] = F.mse_loss(chosen, latent.detach())
-        elif self.training:
-            self._ema_update(flat.detach(), codes)
-        restarted = self._track_usage(codes, flat.detach()) if self.training else 0
+        # One local histogram serves the EMA, the usage counts and the stats.
+        local_counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        restarted = 0
+        if self.training:
+            counts = self._reduced(local_counts)
+            if self.ema:
+                self._ema_update(flat.detach(), codes, counts)
+            restarted = self._track_usage(counts, flat.detach())
         straight_through = latent + (chosen - latent).detach()
-        stats = {**self._batch_stats(codes), "restarted_codes": float(restarted)}
+        stats = {**self._batch_stats(local_counts), "restarted_codes": float(restarted)}
         return QuantizerOutput(codes.view(latent.shape[:-1]), self.proj_out(straight_through), losses, stats)
 
     # ---- codebook maintenance -------------------------------------------------------------------
@@ -115,15 +120,16 @@ class VectorQuantizer(nn.Module):
         self.needs_data_init.fill_(False)
 
     @torch.no_grad()
-    def _counts(self, codes: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(codes, minlength=self.codebook_size).float()
-        if _distributed():
-            dist.all_reduce(counts)
+    def _reduced(self, local_counts: torch.Tensor) -> torch.Tensor:
+        """This step's code counts over all ranks (the local ones when not distributed)."""
+        if not _distributed():
+            return local_counts
+        counts = local_counts.clone()
+        dist.all_reduce(counts)
         return counts
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
-        counts = self._counts(codes)
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
         sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, flat.float())
         if _distributed():
             dist.all_reduce(sums)
@@ -134,9 +140,9 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
 
     @torch.no_grad()
-    def _track_usage(self, codes: torch.Tensor, flat: torch.Tensor) -> int:
-        """Updates the usage counts and restarts the codes that fell below the threshold; returns how many."""
-        counts = self._counts(codes)
+    def _track_usage(self, counts: torch.Tensor, flat: torch.Tensor) -> int:
+        """Updates the usage counts with this step's (all-rank) `counts` and restarts the codes that fell
+        below the threshold; returns how many."""
         self.usage.mul_(0.99).add_(counts, alpha=0.01)
         if self.dead_threshold <= 0:
             return 0
@@ -156,10 +162,12 @@ class VectorQuantizer(nn.Module):
         return count
 
     @torch.no_grad()
-    def _batch_stats(self, codes: torch.Tensor) -> dict[str, float]:
-        """`dead_codes`: codes below the usage threshold after this step's restarts."""
-        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+    def _batch_stats(self, counts: torch.Tensor) -> dict[str, float]:
+        """From this rank's code `counts`. `dead_codes`: codes below the usage threshold after this step's
+        restarts."""
         probs = counts / counts.sum()
-        entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-        return {"usage_batch": float((counts > 0).float().mean()), "perplexity_batch": float(entropy.exp()),
-                "dead_codes": float((self.usage < max(self.dead_threshold, 1e-3)).sum())}
+        entropy = -torch.xlogy(probs, probs).sum()  # 0 log 0 = 0, without boolean indexing
+        # One device-to-host transfer for all three (each float() would be a sync on an accelerator).
+        values = torch.stack([(counts > 0).float().mean(), entropy.exp(),
+                              (self.usage < max(self.dead_threshold, 1e-3)).float().sum()]).tolist()
+        return dict(zip(("usage_batch", "perplexity_batch", "dead_codes"), values))

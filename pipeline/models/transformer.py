@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.attention import causal_attention
+from pipeline.models.dropout import Dropout
 from pipeline.models.io import load_model, save_model
 from pipeline.models.settings import TransformerSettings, VimSize
 
@@ -44,14 +46,13 @@ class Attention(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        dropout = self.dropout if self.training else 0.0
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            out = causal_attention(q, k, v, self.dropout if self.training else 0.0)
         else:
             start = cache.length
             k, v = cache.append(block, k, v)
@@ -70,7 +71,7 @@ class Block(nn.Module):
         self.attn = Attention(shape.dim, shape.heads, dropout)
         self.norm2 = nn.LayerNorm(shape.dim)
         self.mlp = nn.Sequential(nn.Linear(shape.dim, shape.mlp_dim), nn.GELU(approximate="tanh"),
-                                 nn.Dropout(dropout), nn.Linear(shape.mlp_dim, shape.dim), nn.Dropout(dropout))
+                                 Dropout(dropout), nn.Linear(shape.mlp_dim, shape.dim), Dropout(dropout))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, block)
@@ -86,7 +87,7 @@ class VIMTransformer(nn.Module):
         self.class_embedding = nn.Embedding(settings.num_classes + 1, shape.dim)  # + null / start
         self.position = nn.Parameter(torch.zeros(settings.grid[0], settings.grid[1], shape.dim))
         self.class_position = nn.Parameter(torch.zeros(shape.dim))
-        self.dropout = nn.Dropout(settings.dropout)
+        self.dropout = Dropout(settings.dropout)
         self.blocks = nn.ModuleList(Block(shape, settings.dropout) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)  # the paper's extra LayerNorm after the last block
         self.head = nn.Linear(shape.dim, settings.vocab_size, bias=False)

@@ -40,7 +40,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        # unbind(2) rather than a leading permute: its backward stacks the three gradients straight
+        # into the (B, N, 3, heads, head_dim) layout of the qkv output, with no extra copy.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, tokens, 3, self.heads, -1).unbind(2))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -86,7 +88,10 @@ class ViTEncoder(nn.Module):
         self.head = TanhHead(size.dim, size.mlp_dim, size.dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos
+        # The conv's (B, dim, N) output seen as (B, N, dim) is strided, and a strided residual stream costs
+        # a copy in every LayerNorm and slower adds. With pos first the sum takes pos's token-major layout
+        # (then contiguous() is free); the values are the same either way.
+        x = (self.pos + self.patch(images).flatten(2).transpose(1, 2)).contiguous()
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
