@@ -363,7 +363,6 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float32)  # both sides in fp32: no autocast on CPU either
     kinds = ["transformer", "tokenizer"] if args.what == "all" else [args.what]
     sizes = ["default", "large"] if args.size == "all" else [args.size]
     comparisons: dict[str, dict] = {}

@@ -8,6 +8,8 @@ element. On other devices the stock kernels are already fused and stay in use.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,22 +18,25 @@ _LANES = 4  # 16-bit lanes in one int64 draw
 _LANE_VALUES = 1 << 16
 
 
+def _dropped_lane_values(p: float) -> int:
+    """How many of the 2^16 values of a lane mean "drop"."""
+    return round(p * _LANE_VALUES)
+
+
 def quantized_rate(p: float) -> float:
     """The drop rate the 16-bit masks realise for a requested rate p."""
-    return round(p * _LANE_VALUES) / _LANE_VALUES
+    return _dropped_lane_values(p) / _LANE_VALUES
 
 
-def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """A bool tensor, True where an element is dropped, each independently with rate quantized_rate(p)."""
-    count = 1
-    for size in shape:
-        count *= size
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool tensor, True where an element is dropped, each independently with rate quantized_rate(p);
+    drawn from torch's default generator, so `torch.manual_seed` fixes it."""
+    count = math.prod(shape)
     draws = torch.empty((count + _LANES - 1) // _LANES, dtype=torch.int64, device=device)
     # The full signed range, so all 16 bits of every lane are random (random_() alone leaves the top bit 0).
-    draws.random_(-2**63, 2**63 - 1, generator=generator)
-    lanes = draws.view(torch.int16)[:count]
-    return (lanes < round(p * _LANE_VALUES) - _LANE_VALUES // 2).view(shape)
+    draws.random_(-2**63, 2**63 - 1)
+    lanes = draws.view(torch.int16)[:count]  # signed lanes: uniform over [-2^15, 2^15)
+    return (lanes < _dropped_lane_values(p) - _LANE_VALUES // 2).view(shape)
 
 
 class _MaskedScale(torch.autograd.Function):
