@@ -64,11 +64,12 @@ class PeakMemory:
         return round(self.peak / 2**20, 1)
 
 
-def write_report(path: str | None, name: str, results: dict) -> dict:
+def write_report(path: str | None, name: str, results: dict, commit: str | None = None) -> dict:
+    """`commit` names the code where the working copy has no .git (a copy sent to a GPU machine)."""
     from pipeline.tracking import git_commit
 
     report = {"benchmark": name, "command": " ".join([sys.executable, *sys.argv]), "machine": machine(),
-              "commit": git_commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
+              "commit": commit or git_commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
     text = json.dumps(report, indent=2)
     print(text)
     if path:
