@@ -17,6 +17,7 @@ import _bootstrap  # noqa: F401  (puts the project on sys.path)
 
 from pipeline.config import ConfigError, build_config, load_yaml_file
 from pipeline.storage import check_run_dir
+from pipeline.tracking import runs_page
 from stages import STAGE_NAMES
 from orchestration.errors import PipelineError
 from orchestration.runner import connect_ray
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep directory: {summary['root']} ({len(summary['rows'])} trials, {summary['concurrency']} at a time, "
           f"{need} each)")
     print(f"browse: mlflow ui --backend-store-uri sqlite:///{summary['root']}/mlflow.db --host 127.0.0.1 --port 5000")
+    print(f"then open {runs_page(summary['experiment_id'])}")
     return 0
 
 

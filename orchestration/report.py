@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pipeline.storage import RunDir
-from pipeline.tracking import default_tracking_uri
+from pipeline.tracking import PIPELINE_RUN_FILE, default_tracking_uri, runs_page
 
 
 # The figures worth a glance per stage; the manifest and MLflow hold the rest.
@@ -31,3 +31,5 @@ def print_summary(outcomes, run_dir_location: str) -> None:
     uri = default_tracking_uri(run_dir.location)
     print(f"\nrun directory: {run_dir.location}")
     print(f"browse results: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if run_dir.exists(PIPELINE_RUN_FILE):
+        print(f"then open {runs_page(run_dir.read_json(PIPELINE_RUN_FILE)['experiment_id'])}")

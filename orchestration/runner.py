@@ -17,6 +17,7 @@ from typing import Callable
 from pipeline import tracking
 from pipeline.config import PipelineConfig, check_stage_consistency
 from pipeline.stage import StageContext, StageResult, StageSpec
+from orchestration import mlflow_records
 from orchestration.errors import PipelineError
 from orchestration.input_checks import changed_manifests, check_inputs, check_outputs, read_manifest
 from orchestration.run_lock import RunLock
@@ -76,7 +77,7 @@ def _section_hash(cfg: PipelineConfig, spec: StageSpec) -> tuple[dict, str]:
 
 def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
                 sweep_run_id: str | None = None) -> tracking.Tracker:
-    experiment = cfg.run.experiment or f"vim:{run_dir.location}"
+    experiment = cfg.run.experiment or tracking.experiment_name(run_dir.location)
     experiment_id = tracking.ensure_experiment(uri, experiment, run_dir.uri("_mlflow_artifacts")
                                                if not run_dir.is_local else
                                                "file://" + run_dir.path("_mlflow_artifacts"))
@@ -91,6 +92,7 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
         "vim.kind": "pipeline", "vim.run_dir": run_dir.location, "vim.git_commit": tracking.git_commit(),
         "vim.config_hash": cfg.hash()}, parent_run_id=sweep_run_id)
     parent.log_params(cfg.model_dump(mode="json"))
+    parent.log_inputs(mlflow_records.stage_inputs(STAGES[0], cfg, run_dir, {}))  # the images it starts from
     run_dir.write_json({"tracking_uri": uri, "run_id": parent.run_id, "experiment_id": experiment_id}, key)
     return parent
 
@@ -170,6 +172,7 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
             "vim.kind": "stage", "vim.stage": spec.name, "vim.fingerprint": fingerprint,
             "vim.git_commit": tracking.git_commit(), "vim.config_hash": config_hash}, parent_run_id=parent.run_id)
         child.log_params(config)
+        child.log_inputs(mlflow_records.stage_inputs(spec, cfg, run_dir, manifests))
     ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child,
                        folders={stage.name: stage.folder for stage in STAGES})
     log.info("stage %s: running (fingerprint %s)", spec.name, fingerprint)
@@ -188,6 +191,9 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
                         input_manifests={u: manifests[u].sha256 for u in spec.upstream})
     manifest.write(run_dir, spec.folder)
     child.log_dict(json.loads(json.dumps(asdict(manifest), default=str)), "manifest.json")
+    if spec.name in mlflow_records.MODEL_STAGES:
+        experiment = child.client.get_experiment(experiment_id).name
+        mlflow_records.log_stage_model(spec, run_dir, manifest, manifests, child, experiment)
     child.finish("FINISHED")
     log.info("stage %s: committed in %.1fs", spec.name, seconds)
     return manifest

@@ -295,6 +295,11 @@ def sweep_tracking_uri(sweep_dir: str) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
 
 
+def sweep_experiment(root: Path) -> str:
+    """One MLflow experiment per sweep folder: the sweep run and every trial's pipeline run under it."""
+    return tracking.experiment_name(str(root), "vim sweep")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str, Any]:
     from ray import tune
 
@@ -303,7 +308,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     points = validate(spec)
     tracking_uri = sweep_tracking_uri(sweep_dir)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    spec.base = {**spec.base, "run": {**spec.base.get("run", {}), "experiment": f"sweep:{root}"}}
+    spec.base = {**spec.base, "run": {**spec.base.get("run", {}), "experiment": sweep_experiment(root)}}
     base_cfg = build_config(spec.base, spec.extra_overrides)
 
     # Every trial must fit the cluster with all of its stages, before any work (shared stages included).
@@ -349,7 +354,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     if results.errors:
         raise PipelineError(f"{len(results.errors)} trial(s) failed: {results.errors[0]}")
     return {"rows": rows, "concurrency": concurrency, "trial_resources": need, "sweep_run_id": sweep_run.run_id,
-            "root": str(root)}
+            "experiment_id": sweep_run.client.get_run(sweep_run.run_id).info.experiment_id, "root": str(root)}
 
 
 def _release_after_exit(actor, trial_dir: Path, deadline_s: float = 120.0) -> None:
@@ -386,7 +391,7 @@ def _stopped_trial_callback():
 
 def _sweep_run(root: Path, tracking_uri: str, spec: SweepSpec) -> tracking.Tracker:
     key = root / "sweep_run.json"
-    experiment_id = tracking.ensure_experiment(tracking_uri, f"sweep:{root}", f"file://{root / '_mlflow_artifacts'}")
+    experiment_id = tracking.ensure_experiment(tracking_uri, sweep_experiment(root), f"file://{root / '_mlflow_artifacts'}")
     if key.exists():
         reopened = tracking.reopen_run(tracking_uri, yaml.safe_load(key.read_text())["run_id"])
         if reopened is not None:

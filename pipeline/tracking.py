@@ -1,10 +1,12 @@
-"""MLflow tracking: one experiment per run directory, a parent run per pipeline run, a child per stage.
+"""MLflow tracking: one experiment per run directory (named for people, of MLflow's model-development kind),
+a parent run per pipeline run, a child per stage, each with its source script and commit.
 
 All calls go through `MlflowClient` with explicit run ids, so nothing depends on MLflow's global
 "active run" state and the same code works in a driver, a Ray Data task or a Train worker.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -15,6 +17,30 @@ import numpy as np
 from pipeline.storage import is_uri
 
 PIPELINE_RUN_FILE = "_mlflow_parent.json"
+# MLflow 3's UI opens an experiment by its kind: without it, on the GenAI overview (traces), empty here.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def experiment_name(run_dir_location: str, prefix: str = "vim") -> str:
+    """A name for people: `vim demo` for a run directory `.../demo` (`run.experiment` overrides it)."""
+    return f"{prefix} {Path(run_dir_location.rstrip('/')).name}"
+
+
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in `mlflow ui`. MLflow 3.17's UI picks its GenAI or model-training pages from
+    a toggle (this URL parameter, then the browser's last choice), not from the experiment's kind."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def source_tags() -> dict[str, str]:
+    """What MLflow's Source column shows: the job script this process runs, and the commit."""
+    import sys
+
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = Path(__file__).resolve().parents[1]
+    name = str(script.relative_to(root)) if script and script.is_relative_to(root) else (
+        script.name if script else "python")
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": git_commit()}
 
 
 def default_tracking_uri(run_dir_location: str) -> str:
@@ -104,6 +130,15 @@ class Tracker:
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
 
+    def log_inputs(self, datasets: list[dict[str, str]]) -> None:
+        """Each: name, digest, source (a URI), context (how the run used it). MLflow's Dataset column."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"][:36], source_type=d.get("source_type", "local"),
+                                       source=json.dumps({"uri": d["source"]})),
+                               [InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -116,9 +151,12 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str) -> s
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the kind was recorded
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another process
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -131,7 +169,7 @@ def start_run(tracking_uri: str, experiment_id: str, name: str, tags: dict[str, 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    all_tags = {"mlflow.runName": name, **tags}
+    all_tags = {"mlflow.runName": name, **source_tags(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, tags=all_tags)

@@ -7,11 +7,14 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import PRETOKENIZE_TINY, assert_resume_follows_uninterrupted, kill_a_train_worker_after_checkpoint
 from pipeline.config import load_config
+from pipeline.mlflow_models import registered_name
 from pipeline.models.transformer import load_transformer
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
@@ -63,6 +66,16 @@ def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp
     assert model.settings.vocab_size == 64 and model.settings.grid == (4, 4) and model.settings.num_classes == 10
     tokens = torch.randint(0, 64, (2, 16))
     assert model(tokens, torch.tensor([1, model.settings.null_class])).shape == (2, 16, 64)
+    # Registered in MLflow with the run's tokenizer: it samples codes, and pictures through that tokenizer.
+    experiment = client.get_experiment(client.get_run(manifest.mlflow_run_id).info.experiment_id).name
+    mlflow.set_tracking_uri(default_tracking_uri(str(run_dir)))  # the registry follows it
+    registered = mlflow.pyfunc.load_model(f"models:/{registered_name(experiment, 'transformer')}/1")
+    labels = np.array([1, 2, 3])
+    codes = registered.predict(labels, params={"seed": 5})
+    assert codes.shape == (3, 4, 4) and codes.min() >= 0 and codes.max() < 64
+    assert np.array_equal(codes, registered.predict(labels, params={"seed": 5}))  # the seed decides
+    pictures = registered.predict(labels, params={"seed": 5, "output": "images"})
+    assert pictures.shape == (3, 16, 16, 3) and pictures.dtype == np.uint8
     # Committed and current: the same command skips it.
     assert run_pipeline(cfg, str(run_dir), only="transformer")[0].status == "skipped"
 
