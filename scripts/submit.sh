@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# ray job submit to the local head, retried while a just-started head's job agent is not up yet.
+# ray job submit to the dashboard on 127.0.0.1: the local head, or a cluster's through its tunnel (`ray dashboard
+# cluster.yaml`, `kubectl port-forward`), retried while a just-started head's job agent is not up yet.
 # Exits 0 only for a job that ends SUCCEEDED: `ray job submit` exits 1 for FAILED but 0 for STOPPED, so the
 # job's final status is asked for by its submission id. RAY_DASHBOARD_PORT: the head's dashboard (8265).
-# The head from scripts/ray_head.sh requires Ray's auth token: `ray job submit` and the status query send the
-# one that head uses (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token).
+# Heads started by scripts/ray_head.sh (and the KubeRay manifest's) require Ray's auth token: `ray job submit` and
+# the status query send the one they use (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token).
 set -uo pipefail
 export RAY_AUTH_MODE=token
 address=http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}
