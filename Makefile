@@ -1,6 +1,6 @@
 # Two commands on a fresh Debian machine:
 #   make demo   - install everything, start a local Ray head, submit the pipeline on Fashion-MNIST
-#   make test   - install everything, run the tests on a real local Ray
+#   make test   - install everything (the torch_xla environment too), run the tests on a real local Ray
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= $(CURDIR)/runs/demo
@@ -12,6 +12,7 @@ ray-up ray-down demo sweep-demo: export RAY_AUTH_MODE = token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
+XLA_WHEELS ?= .xla-wheels
 
 .PHONY: setup demo sweep-demo test bench bench-peers ray-up ray-down clean tpu-env xla-check
 
@@ -40,7 +41,8 @@ sweep-demo: setup ray-up
 		--set tokenizer.warmup_steps=10 --set tokenizer.val_images=1024 \
 		--set tokenizer.checkpoint_every=50 --set tokenizer.image_every=50
 
-test: setup
+# tests/test_xla.py runs the TPU code path on XLA CPU devices in $(TPU_VENV), built here when missing.
+test: setup tpu-env
 	$(PY) -m pytest -q tests
 
 bench: setup
@@ -54,17 +56,18 @@ bench: setup
 bench-peers: setup
 	$(PY) benchmarks/peers.py --out benchmarks/results/peers-cpu.json
 
-# The TPU stack: torch_xla 2.9.0 pins torch 2.9.0, so it lives in its own environment (several GB).
+# torch_xla 2.9.0 pins torch 2.9.0, so it lives in its own environment: the wheels of
+# scripts/xla_cpu_wheels.txt (about 3.6 GB), downloaded once into $(XLA_WHEELS) inside the clone and installed
+# from there. It runs torch_xla's CPU device; TPU hosts install the `tpu` extra (cluster.yaml).
 tpu-env: $(TPU_VENV)/.installed
 
-$(TPU_VENV)/.installed: pyproject.toml
-	python3 -m venv $(TPU_VENV)
-	$(TPU_VENV)/bin/pip install -e ".[tpu,dev]"
+$(TPU_VENV)/.installed: scripts/xla_env.sh scripts/xla_cpu_wheels.txt
+	bash scripts/xla_env.sh $(TPU_VENV) $(XLA_WHEELS)
 	touch $@
 
-# The Transformer's training step and KV-cache decoding on torch_xla's CPU device.
+# The Transformer's training under SPMD on 4 XLA CPU devices, fully sharded, with KV-cache decoding.
 xla-check: tpu-env
-	PJRT_DEVICE=CPU $(TPU_VENV)/bin/python scripts/xla_cpu_loop.py
+	PJRT_DEVICE=CPU $(TPU_VENV)/bin/python scripts/xla_cpu_loop.py --devices 4 --parallelism fsdp --decode-check
 
 clean:
 	rm -rf runs bench-out

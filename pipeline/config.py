@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.models.settings import (VIT_SIZES, Float, Int, TokenizerSettings, TransformerArchitecture,
-                                      TransformerSettings)
+from pipeline.models.settings import (Float, Int, TokenizerSettings, TransformerArchitecture,
+                                      TransformerSettings, later_fields_at_default)
 
 
 log = logging.getLogger("vim.config")
@@ -37,8 +37,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def output_affecting(self) -> dict[str, Any]:
-        """The section as plain data, without runtime-only fields: what the stage hash covers."""
-        data = self.model_dump(mode="json")
+        """The section as plain data, without runtime-only fields: what the stage hash covers. Fields added
+        later (NOBLE's) count only when set away from their default, so older stages keep their hashes."""
+        data = self.model_dump(mode="json", exclude=set(later_fields_at_default(self)))
         for name, field in type(self).model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
             value = getattr(self, name)
@@ -122,6 +123,13 @@ class TrainerResources(Section):
     max_failures: Int = runtime_only(2, "worker-group restarts from the latest checkpoint", ge=0)
     read_cpus: Float = runtime_only(0.5, "CPUs per Ray Data task feeding the workers (not Ray's 1)", gt=0)
 
+    @model_validator(mode="after")
+    def _tpu_hosts_run_xla(self) -> "TrainerResources":
+        if self.tpu_hosts and (self.use_gpu or self.device in ("cpu", "cuda")):
+            raise ValueError(f"tpu_hosts runs torch_xla on TPU hosts: use_gpu must be false and device auto or "
+                             f"xla (got use_gpu={self.use_gpu}, device={self.device})")
+        return self
+
 
 class TokenizerConfig(Section, TokenizerSettings):
     # model: the fields of TokenizerSettings (pipeline/models/settings.py), inherited
@@ -160,11 +168,14 @@ class TokenizerConfig(Section, TokenizerSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TokenizerConfig":
-        width = VIT_SIZES[self.encoder].dim
+        width = self.latent_width
         if self.codebook_dim is not None and self.codebook_dim > width:
-            raise ValueError(f"tokenizer.codebook_dim {self.codebook_dim} is wider than tokenizer.encoder "
-                             f"'{self.encoder}' ({width} channels): the lookup space must factorise the encoder "
-                             f"output, so use codebook_dim <= {width}, a wider encoder, or codebook_dim=null")
+            encoder = (f"the CNN encoder (tokenizer.cnn_channels {self.cnn_channels} x last "
+                       f"tokenizer.cnn_channel_mult {self.cnn_levels[-1]})" if self.architecture == "cnn"
+                       else f"tokenizer.encoder '{self.encoder}'")
+            raise ValueError(f"tokenizer.codebook_dim {self.codebook_dim} is wider than {encoder} ({width} channels): "
+                             f"the lookup space must factorise the encoder output, so use codebook_dim <= {width}, "
+                             "a wider encoder, or codebook_dim=null")
         if self.image_size % self.patch_size:
             raise ValueError(f"tokenizer.image_size {self.image_size} is not a multiple of "
                              f"tokenizer.patch_size {self.patch_size}")
@@ -174,6 +185,9 @@ class TokenizerConfig(Section, TokenizerSettings):
         if self.adversarial_weight > 0 and (self.image_size < 8 or self.image_size & (self.image_size - 1)):
             raise ValueError("the StyleGAN discriminator needs a power-of-two tokenizer.image_size; "
                              "or set tokenizer.adversarial_weight=0")
+        if self.resources.tpu_hosts or self.resources.device == "xla":
+            raise ValueError("TPU hosts (torch_xla SPMD) train the Transformer only: the tokenizer runs on GPU or CPU "
+                             "workers (tokenizer.resources.tpu_hosts=false, device auto, cpu or cuda)")
         return self
 
 
@@ -220,7 +234,8 @@ class TransformerConfig(Section, TransformerArchitecture):
     seed: Int = 0
     val_images: Int = Field(1024, ge=1, description="val images (plain view) for the loss")
     # how it runs
-    parallelism: Literal["ddp", "fsdp"] = runtime_only("ddp", "fsdp: sharded weights, GPU only (Large)")
+    parallelism: Literal["ddp", "fsdp"] = runtime_only(
+        "ddp", "fsdp: weights, gradients and optimizer state sharded over the workers (FSDP2; the Large size)")
     compile: bool = runtime_only(False, "torch.compile the model (CUDA)")
     checkpoint_every: Int = runtime_only(200, ge=1)
     log_every: Int = runtime_only(20, ge=1)
@@ -237,8 +252,10 @@ class TransformerConfig(Section, TransformerArchitecture):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TransformerConfig":
-        if self.parallelism == "fsdp" and not self.resources.use_gpu:
-            raise ValueError("transformer.parallelism=fsdp needs GPU workers (transformer.resources.use_gpu=true)")
+        chips = self.resources.tpu_chips_per_host
+        if self.resources.tpu_hosts and self.batch_size % chips:
+            raise ValueError(f"transformer.batch_size {self.batch_size} (per TPU host) must be a multiple of "
+                             f"transformer.resources.tpu_chips_per_host {chips}: each host splits it over its chips")
         if self.label_dropout > 0 and not self.conditional:
             raise ValueError("transformer.label_dropout needs a conditional model (transformer.conditional=true)")
         return self

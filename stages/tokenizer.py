@@ -21,7 +21,7 @@ from pipeline.stage import StageContext, StageResult
 from pipeline.tracking import Tracker
 from pipeline.train.optim import average_gradients, grad_norm, set_lr
 from pipeline.train.state import TrainState
-from pipeline.train.tokenizer_objective import TokenizerObjective
+from pipeline.train.tokenizer_objective import TokenizerObjective, generator_parameter_groups
 from pipeline.viz import make_grid
 
 
@@ -47,7 +47,7 @@ def tokenizer_loop(loop_config: dict) -> dict[str, float] | None:
     objective = TokenizerObjective(cfg).to(backend.device)
     model = ray.train.torch.prepare_model(objective.model, move_to_device=False)
     discriminator = objective.discriminator
-    optimizer = torch.optim.AdamW([p for p in objective.model.parameters() if p.requires_grad], lr=cfg.lr,
+    optimizer = torch.optim.AdamW(generator_parameter_groups(objective.model, cfg.weight_decay), lr=cfg.lr,
                                   betas=cfg.betas, weight_decay=cfg.weight_decay, fused=backend.fused_adamw())
     d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay) if discriminator is not None else None)

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import TrainerResources
-from pipeline.device import Backend
+from pipeline.device import PROCESS_GROUP_BACKEND, Backend
 from pipeline.stage import StageContext
 from pipeline.tracking import Tracker
 from pipeline.train.loop import TrainingLoop
@@ -71,17 +71,22 @@ def build_trainer(ctx: StageContext, loop: Callable[[dict], Any], loop_config: d
         if stale != run_name and not stale.startswith("."):
             ctx.run_dir.delete(ctx.folder, CHECKPOINTS, stale)
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    env = worker_environment(ctx.tracker.tracking_uri)
     if resources.tpu_hosts:
-        per_worker["TPU"] = resources.tpu_chips_per_host  # one worker per TPU host; torch_xla drives its chips
+        # One worker per TPU host: claiming all its chips leaves them unmasked (no TPU_VISIBLE_CHIPS), and the
+        # worker's torch_xla SPMD process drives them all, in one mesh with the other hosts' chips.
+        per_worker["TPU"] = resources.tpu_chips_per_host
+        env["PJRT_DEVICE"] = "TPU"
+    kind = "cuda" if resources.use_gpu else "xla" if resources.tpu_hosts else "cpu"
     return TorchTrainer(
         loop, train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo" if not resources.use_gpu else "nccl"),
+        torch_config=TorchConfig(backend=PROCESS_GROUP_BACKEND[kind]),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": worker_environment(ctx.tracker.tracking_uri)}),
+                             worker_runtime_env={"env_vars": env}),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_in_order()))
 
 
@@ -132,7 +137,7 @@ def start_worker(name: str, loop_config: dict[str, Any], state: TrainState, tota
     rank, world = context.get_world_rank(), context.get_world_size()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        with checkpoint.as_directory() as folder:  # every rank: a sharded model keeps its slice of the full state
             state.load_state_dict(load_state(folder), rank)
         print(f"[{name} rank {rank}] resumed at step {state.step} (epoch {state.epoch}, "
               f"batch {state.batch_in_epoch})", flush=True)

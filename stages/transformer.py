@@ -3,9 +3,10 @@
 Workers stream the Parquet codes through Ray Data. An image stored in several views contributes one
 of them per epoch, picked by a hash of its key and the epoch, so every epoch sees each image once and
 the views rotate. Steps accumulate micro-batches; the device (CPU/gloo, CUDA/nccl + bf16, TPU/torch_xla)
-comes from `pipeline.device`. Rank 0 logs loss in nats and bits per token, tokens/s and model FLOPs
-utilisation, and checkpoints model, optimizer, step and data position, so a restarted worker group or
-a re-submitted job continues at the next step.
+comes from `pipeline.device`; workers replicate the model (DDP) or shard it (`parallelism: fsdp`, FSDP2
+through `pipeline.train.sharding`). Rank 0 logs loss in nats and bits per token, tokens/s and model FLOPs
+utilisation, and checkpoints the full (unsharded) model and optimizer, step and data position, so a restarted
+worker group or a re-submitted job continues at the next step, on any number of workers.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from pipeline.config import PipelineConfig, TransformerConfig
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
 from pipeline.models.transformer import TransformerSettings, VIMTransformer
 from pipeline.stage import StageContext, StageResult
+from pipeline.train import xla_spmd
 from pipeline.train.lm_step import LN2, accumulated_step, lr_at, next_token_loss, parameter_groups
 from pipeline.train.optim import set_lr
+from pipeline.train.sharding import FullModelState, FullOptimizerState, is_sharded, shard_transformer
 from pipeline.train.state import TrainState
 
 COLUMNS = ["codes", "label", "view", "image_id"]
@@ -79,15 +82,20 @@ def validation_loss(model: VIMTransformer, shard, cfg: TransformerConfig, backen
     return total / max(tokens_seen, 1)
 
 
-def _wrap_model(model: torch.nn.Module, cfg: TransformerConfig, backend):
-    """DDP (or FSDP on GPU) through Ray Train; on XLA the backend all-reduces in its optimizer step."""
+def _wrap_model(core: VIMTransformer, cfg: TransformerConfig, backend) -> torch.nn.Module:
+    """The module the training step calls (compiled if asked): the core sharded in place by FSDP2, or DDP
+    through Ray Train around it; on XLA, SPMD over every chip of every host replicates it or shards it (FSDPv2)."""
     import ray.train.torch
 
-    if not backend.wraps_for_data_parallel or ray.train.get_context().get_world_size() == 1:
-        return model
-    if cfg.parallelism == "fsdp":
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="fsdp")
-    return ray.train.torch.prepare_model(model, move_to_device=False)
+    if backend.kind == "xla":
+        xla_spmd.check_one_mesh(workers=ray.train.get_context().get_world_size())
+        return xla_spmd.shard_model(core, fully_sharded=cfg.parallelism == "fsdp")
+    data_parallel = backend.wraps_for_data_parallel and ray.train.get_context().get_world_size() > 1
+    if data_parallel and cfg.parallelism == "fsdp":
+        shard_transformer(core, backend)  # in place: the core keeps its names, methods and state keys
+        return torch.compile(core) if cfg.compile else core
+    model = torch.compile(core) if cfg.compile else core
+    return ray.train.torch.prepare_model(model, move_to_device=False) if data_parallel else model
 
 
 def transformer_loop(loop_config: dict) -> dict[str, float] | None:
@@ -100,11 +108,17 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
     view_ids: list[int] = loop_config["view_ids"]
     backend = devices.detect(cfg.resources.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = VIMTransformer(settings).to(backend.device)  # the plain module: state, export, validation
-    model = _wrap_model(torch.compile(core) if cfg.compile else core, cfg, backend)
+    core = VIMTransformer(settings).to(backend.device)  # uncompiled, unwrapped: state, export, validation
+    model = _wrap_model(core, cfg, backend)
+    sharded = is_sharded(core) or backend.spans_processes  # then a forward, validation included, needs every rank
+    # After sharding: the groups go by the parameters' names, which FSDP2 keeps.
     optimizer = torch.optim.AdamW(parameter_groups(core, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=backend.fused_adamw())
-    run = start_worker("transformer", loop_config, TrainState(model=core, optimizer=optimizer), cfg.steps, backend)
+    # Full tensors by parameter name, whatever the sharding: a checkpoint resumes on any worker count.
+    state = TrainState(model=FullModelState(core), optimizer=FullOptimizerState(core, optimizer))
+    if backend.kind == "xla":  # gathered from the chips by torch_xla, resharded on loading
+        state = TrainState(model=xla_spmd.ModelState(core), optimizer=xla_spmd.OptimizerState(optimizer))
+    run = start_worker("transformer", loop_config, state, cfg.steps, backend)
     peak, peak_source = backend.peak_flops()
     flops_per_token = core.flops_per_token()
     if run.tracker is not None:
@@ -122,8 +136,8 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
                    f"{cfg.batch_size * cfg.grad_accum * run.world} images")
     # Picking one view per image leaves ranks with slightly different row counts: they agree on an epoch's end.
     for group in run.batches(epoch_steps, empty_epoch, agree_on_end=True):
-        group = [(codes.to(backend.device, non_blocking=True),
-                  core.drop_labels(labels).to(backend.device, non_blocking=True) if cfg.conditional else None)
+        group = [(backend.batch_to_device(codes),
+                  backend.batch_to_device(core.drop_labels(labels)) if cfg.conditional else None)
                  for codes, labels in group]
         set_lr(optimizer, lr_at(run.step, cfg.lr, cfg.lr_floor, cfg.warmup_steps, cfg.decay_start, cfg.steps))
         loss, norm = accumulated_step(model, group, optimizer, backend, cfg.grad_clip)
@@ -138,15 +152,17 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
                      "data_wait_fraction": wait},
                     f"loss {loss:.4f} nats ({loss / LN2:.3f} bits)/token {tokens_per_second:.0f} tok/s "
                     f"MFU {mfu:.3f} data wait {wait:.2f}")
-        if run.log_due(cfg.eval_every):
-            last_val = validation_loss(core, val_shard, cfg, backend)
-            run.tracker.log_metrics({"val_loss_nats": last_val, "val_bits_per_token": last_val / LN2}, step=run.step)
+        if run.log_due(cfg.eval_every) or (sharded and run.due(cfg.eval_every)):
+            last_val = validation_loss(core, val_shard, cfg, backend)  # every rank reads the same val rows
+            if run.tracker is not None:
+                run.tracker.log_metrics({"val_loss_nats": last_val, "val_bits_per_token": last_val / LN2},
+                                        step=run.step)
         run.checkpoint_if_due(cfg.checkpoint_every)
 
+    if last_val != last_val and (run.rank == 0 or sharded):  # resumed after the last step: still owed
+        last_val = validation_loss(core, val_shard, cfg, backend)
     if run.rank != 0:
         return None
-    if last_val != last_val:  # resumed after the last step: the final validation is still owed
-        last_val = validation_loss(core, val_shard, cfg, backend)
     return {"val_loss_nats": last_val, "val_bits_per_token": last_val / LN2, "steps": float(run.step),
             "train_seconds": run.seconds, "epochs": float(run.state.epoch + 1),
             "parameters": float(core.parameter_count(embeddings=True)),

@@ -148,7 +148,8 @@ def test_the_config_builds_the_transformer_settings_by_field_name(conditional):
     settings = cfg.model_settings(vocab_size=64, grid=[4, 4], num_classes=10)
     assert type(settings) is TransformerSettings
     assert settings.model_dump() == {"size": "pico", "dropout": 0.2, "label_dropout": 0.0, "vocab_size": 64,
-                                     "grid": (4, 4), "num_classes": 10 if conditional else 0}
+                                     "grid": (4, 4), "num_classes": 10 if conditional else 0,
+                                     "noble_rank": 0, "noble_activation": "cosnet", "noble_layers": "all"}
 
 
 def test_flops_accounting_is_the_6n_rule():

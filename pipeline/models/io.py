@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.models.settings import later_fields_at_default
+
 SETTINGS_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 # Keys older settings files may hold that no settings class reads any more (the tokenizer's unused "extra").
@@ -27,7 +29,9 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], settings: BaseModel, fo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS_FILE))
-    (folder / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+    # Fields added later (NOBLE's) are written only when set: a model without them writes the file it always did.
+    data = settings.model_dump(mode="json", exclude=set(later_fields_at_default(settings)))
+    (folder / SETTINGS_FILE).write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def save_model(model: nn.Module, folder: str | Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 # Strict numbers: a bool (`steps=true`) or a string ("30") is not a number. An int still passes for a float
 # (and becomes one, so hashes do not change).
@@ -62,6 +62,52 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Marks a field added after models and stages were committed (NOBLE's, the CNN's): at its default it is left out of a
+# stage's hash (pipeline/config.py `Section.output_affecting`) and of a model's config.json
+# (pipeline/models/io.py), so the stages and models that existed before hash and save as they did.
+ADDED_LATER = {"added_later": True}
+
+
+def added_later_with(owner: str) -> dict:
+    """`ADDED_LATER` for a field that sizes what another added-later field (`owner`) switches on: left out
+    only while `owner` holds its default too, so a model that uses it records it even at its default (a
+    CNN tokenizer keeps its widths in config.json and its stage hash, whatever later defaults become)."""
+    return {"added_later": True, "written_with": owner}
+
+
+def later_fields_at_default(settings: BaseModel) -> list[str]:
+    """Names of the `ADDED_LATER` fields of `settings` that hold their default (and whose owner does)."""
+    fields = type(settings).model_fields
+
+    def at_default(name: str) -> bool:
+        return getattr(settings, name) == fields[name].default
+
+    names = []
+    for name, field in fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        owner = extra.get("written_with")
+        if extra.get("added_later") and at_default(name) and (owner is None or at_default(owner)):
+            names.append(name)
+    return names
+
+
+NOBLE_ACTIVATIONS = Literal["cosnet", "gelu"]
+NOBLE_LAYERS = Literal["attention", "mlp", "all"]
+
+
+class NobleSettings(ModelSettings):
+    """NOBLE (pipeline/models/noble.py): a nonlinear low-rank branch beside the blocks' linear layers."""
+
+    noble_rank: Int = Field(0, ge=0, description="branch rank; 0: no branch (the reference code uses 32)",
+                            json_schema_extra=ADDED_LATER)
+    noble_activation: NOBLE_ACTIVATIONS = Field(
+        "cosnet", description="the branch's nonlinearity: the paper's CosNet, or plain GELU to compare",
+        json_schema_extra=ADDED_LATER)
+    noble_layers: NOBLE_LAYERS = Field(
+        "all", description="which linear layers get a branch: attention (qkv, output), mlp (both), all",
+        json_schema_extra=ADDED_LATER)
+
+
 class QuantizerSettings(ModelSettings):
     """The vector quantizer (paper defaults where the paper gives one)."""
 
@@ -75,22 +121,69 @@ class QuantizerSettings(ModelSettings):
     codebook_init: Literal["normal", "data"] = "normal"
 
 
-class TokenizerSettings(QuantizerSettings):
-    """ViT-VQGAN: the quantizer plus the ViT encoder and decoder (small sizes for CPU)."""
+class TokenizerSettings(QuantizerSettings, NobleSettings):
+    """ViT-VQGAN: the quantizer plus the ViT encoder and decoder (small sizes for CPU); or, with
+    architecture=cnn, the same quantizer and heads around the CNN-VQGAN baseline (pipeline/models/cnn.py)."""
 
     image_size: Int = Field(32, ge=8)
     patch_size: Int = Field(4, ge=1)
-    encoder: VIT_SIZE_NAMES = "tiny"
-    decoder: VIT_SIZE_NAMES = "tiny"
+    encoder: VIT_SIZE_NAMES = Field("tiny", description="ViT size (vit only; cnn ignores it)")
+    decoder: VIT_SIZE_NAMES = Field("tiny", description="ViT size (vit only; cnn ignores it)")
     output_head: Literal["logit_laplace", "linear"] = "logit_laplace"
+    architecture: Literal["vit", "cnn"] = Field(
+        "vit", description="vit: the paper's ViT-VQGAN; cnn: the taming-transformers CNN-VQGAN baseline, sized "
+        "by the cnn_* keys (encoder and decoder are ignored)", json_schema_extra=ADDED_LATER)
+    cnn_channels: Int = Field(16, ge=1, description="cnn: channels at full resolution",
+                              json_schema_extra=added_later_with("architecture"))
+    cnn_channel_mult: tuple[Int, ...] | None = Field(
+        None, description="cnn: width multiplier per level, full resolution first, log2(patch_size) + 1 of them; "
+        "null: 1, 2, 4, 4, ... (doubling, at most 4)", json_schema_extra=added_later_with("architecture"))
+    cnn_res_blocks: Int = Field(1, ge=1, description="cnn: residual blocks per level (the decoder has one more)",
+                                json_schema_extra=added_later_with("architecture"))
 
     @property
     def grid(self) -> int:
         """Tokens per side."""
         return self.image_size // self.patch_size
 
+    @property
+    def cnn_levels(self) -> tuple[int, ...]:
+        """The CNN's width multiplier per level, full resolution first: one level per halving, plus one."""
+        if self.cnn_channel_mult is not None:
+            return tuple(self.cnn_channel_mult)
+        return tuple(min(2 ** level, 4) for level in range(self.patch_size.bit_length()))
 
-class TransformerArchitecture(ModelSettings):
+    @property
+    def latent_width(self) -> int:
+        """Channels of the encoder's output per token: what the quantizer's lookup space factorises."""
+        if self.architecture == "cnn":
+            return self.cnn_channels * self.cnn_levels[-1]
+        return VIT_SIZES[self.encoder].dim
+
+    @model_validator(mode="after")
+    def _cnn_fits(self) -> "TokenizerSettings":
+        if self.architecture != "cnn":
+            return self
+        cnn = "tokenizer.architecture=cnn"
+        if self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"tokenizer.patch_size {self.patch_size} is not a power of two: {cnn} halves the "
+                             "resolution log2(patch_size) times; use 1, 2, 4, 8, 16, ...")
+        halvings = self.patch_size.bit_length() - 1
+        if self.cnn_channel_mult is not None:
+            if len(self.cnn_channel_mult) != halvings + 1:
+                raise ValueError(f"tokenizer.cnn_channel_mult {list(self.cnn_channel_mult)} has "
+                                 f"{len(self.cnn_channel_mult)} level(s); tokenizer.patch_size {self.patch_size} needs "
+                                 f"log2({self.patch_size}) + 1 = {halvings + 1} (full resolution first), or null")
+            if min(self.cnn_channel_mult) < 1:
+                raise ValueError(f"tokenizer.cnn_channel_mult {list(self.cnn_channel_mult)}: every multiplier must "
+                                 "be at least 1")
+        if self.noble_rank > 0:
+            raise ValueError(f"tokenizer.noble_rank {self.noble_rank}: NOBLE branches sit in the ViT's linear "
+                             f"layers, which {cnn} does not have; set tokenizer.noble_rank=0")
+        return self
+
+
+class TransformerArchitecture(NobleSettings):
     """The VIM Transformer's settings that come from the config (paper: VIM-Base/Large, dropout 0.1)."""
 
     size: VIM_SIZE_NAMES = "nano"

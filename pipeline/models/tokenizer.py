@@ -1,5 +1,8 @@
 """ViT-VQGAN: ViT encoder -> quantizer -> ViT decoder; saved and loaded by pipeline.models.io.
 
+With `architecture: cnn` the encoder and decoder are the CNN-VQGAN baseline's (pipeline/models/cnn.py) around
+the same quantizer and output heads, so the losses and the stages treat both alike.
+
 Images enter and leave in [0, 1]. The decoder head is either the paper's logit-Laplace head (sigmoid
 mean, 6 channels: location and log-scale per colour) or Parti's plain linear head (3 channels, no
 sigmoid, no logit-Laplace loss).
@@ -11,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models.cnn import CNNDecoder, CNNEncoder
 from pipeline.models.io import load_model, save_model
 from pipeline.models.losses import from_laplace_space
+from pipeline.models.noble import Noble
 from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
 from pipeline.models.settings import VIT_SIZES, TokenizerSettings
 from pipeline.models.vit import ViTDecoder, ViTEncoder, init_weights
@@ -22,14 +27,11 @@ class ViTVQGAN(nn.Module):
     def __init__(self, settings: TokenizerSettings):
         super().__init__()
         self.settings = settings
-        enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
-        self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size)
-        self.quantizer = VectorQuantizer(enc.dim, settings)
-        self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
         out_channels = 6 if settings.output_head == "logit_laplace" else 3
-        self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels)
-        init_weights(self.encoder)
-        init_weights(self.decoder)
+        if settings.architecture == "cnn":
+            self._build_cnn(settings, out_channels)
+        else:
+            self._build_vit(settings, out_channels)
         # The projections around the codebook keep unit-scale signals: a 0.02-std proj_out would drown
         # the codes under the decoder's position embeddings, and a random proj_in bias would point every
         # latent the same way; either collapses the codebook onto one code.
@@ -38,6 +40,25 @@ class ViTVQGAN(nn.Module):
                 nn.init.xavier_uniform_(layer.weight)
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
+
+    # The modules are made in this order (encoder, quantizer, bridge, decoder) for both: the ViT's
+    # parameters, state-dict keys and seeded initial weights stay what they were before the CNN came.
+    def _build_vit(self, settings: TokenizerSettings, out_channels: int) -> None:
+        enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
+        noble = Noble.of(settings)  # NOBLE branches in the encoder's and decoder's blocks (rank 0: none)
+        self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size, noble=noble)
+        self.quantizer = VectorQuantizer(enc.dim, settings)
+        self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
+        self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels, noble=noble)
+        init_weights(self.encoder)
+        init_weights(self.decoder)
+
+    def _build_cnn(self, settings: TokenizerSettings, out_channels: int) -> None:
+        # taming's default (PyTorch) conv initialisation; encoder and decoder meet at the same latent width.
+        self.encoder = CNNEncoder(settings)
+        self.quantizer = VectorQuantizer(settings.latent_width, settings)
+        self.bridge = nn.Identity()
+        self.decoder = CNNDecoder(settings, out_channels)
 
     # ---- the training path ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], QuantizerOutput]:

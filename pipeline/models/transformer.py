@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.models.attention import causal_attention
 from pipeline.models.dropout import Dropout
 from pipeline.models.io import load_model, save_model
+from pipeline.models.noble import Noble
 from pipeline.models.settings import TransformerSettings, VimSize
 
 
@@ -41,11 +42,11 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, noble: Noble = Noble()):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = noble.linear(dim, 3 * dim, "attention", branches=3)  # q, k and v: a branch each
+        self.proj = noble.linear(dim, dim, "attention")
         self.resid_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
@@ -65,13 +66,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: VimSize, dropout: float):
+    def __init__(self, shape: VimSize, dropout: float, noble: Noble = Noble()):
         super().__init__()
         self.norm1 = nn.LayerNorm(shape.dim)
-        self.attn = Attention(shape.dim, shape.heads, dropout)
+        self.attn = Attention(shape.dim, shape.heads, dropout, noble)
         self.norm2 = nn.LayerNorm(shape.dim)
-        self.mlp = nn.Sequential(nn.Linear(shape.dim, shape.mlp_dim), nn.GELU(approximate="tanh"),
-                                 Dropout(dropout), nn.Linear(shape.mlp_dim, shape.dim), Dropout(dropout))
+        self.mlp = nn.Sequential(noble.linear(shape.dim, shape.mlp_dim, "mlp"), nn.GELU(approximate="tanh"),
+                                 Dropout(dropout), noble.linear(shape.mlp_dim, shape.dim, "mlp"), Dropout(dropout))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, block)
@@ -88,7 +89,8 @@ class VIMTransformer(nn.Module):
         self.position = nn.Parameter(torch.zeros(settings.grid[0], settings.grid[1], shape.dim))
         self.class_position = nn.Parameter(torch.zeros(shape.dim))
         self.dropout = Dropout(settings.dropout)
-        self.blocks = nn.ModuleList(Block(shape, settings.dropout) for _ in range(shape.depth))
+        noble = Noble.of(settings)  # NOBLE branches on the blocks' linear layers (rank 0: none)
+        self.blocks = nn.ModuleList(Block(shape, settings.dropout, noble) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)  # the paper's extra LayerNorm after the last block
         self.head = nn.Linear(shape.dim, settings.vocab_size, bias=False)
         self.apply(self._init)

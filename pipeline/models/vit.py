@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.noble import Noble
 from pipeline.models.settings import ViTSize
 
 
@@ -30,13 +31,13 @@ def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, noble: Noble = Noble()):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by {heads} heads")
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = noble.linear(dim, 3 * dim, "attention", branches=3)  # q, k and v: a branch each
+        self.proj = noble.linear(dim, dim, "attention")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
@@ -50,12 +51,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block (bidirectional: the tokenizer sees the whole image)."""
 
-    def __init__(self, size: ViTSize, dropout: float = 0.0):
+    def __init__(self, size: ViTSize, dropout: float = 0.0, noble: Noble = Noble()):
         super().__init__()
         self.norm1 = nn.LayerNorm(size.dim)
-        self.attn = Attention(size.dim, size.heads, dropout)
+        self.attn = Attention(size.dim, size.heads, dropout, noble)
         self.norm2 = nn.LayerNorm(size.dim)
-        self.mlp = nn.Sequential(nn.Linear(size.dim, size.mlp_dim), nn.GELU(), nn.Linear(size.mlp_dim, size.dim))
+        self.mlp = nn.Sequential(noble.linear(size.dim, size.mlp_dim, "mlp"), nn.GELU(),
+                                 noble.linear(size.mlp_dim, size.dim, "mlp"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -76,14 +78,14 @@ class TanhHead(nn.Module):
 class ViTEncoder(nn.Module):
     """Image (B, 3, H, W) in [-1, 1] -> tokens (B, H/p * W/p, dim)."""
 
-    def __init__(self, size: ViTSize, image_size: int, patch_size: int, channels: int = 3):
+    def __init__(self, size: ViTSize, image_size: int, patch_size: int, channels: int = 3, noble: Noble = Noble()):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
         self.grid = image_size // patch_size
         self.patch = nn.Conv2d(channels, size.dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(self.grid, self.grid, size.dim), persistent=False)
-        self.blocks = nn.ModuleList(Block(size) for _ in range(size.depth))
+        self.blocks = nn.ModuleList(Block(size, noble=noble) for _ in range(size.depth))
         self.norm = nn.LayerNorm(size.dim)
         self.head = TanhHead(size.dim, size.mlp_dim, size.dim)
 
@@ -100,11 +102,11 @@ class ViTEncoder(nn.Module):
 class ViTDecoder(nn.Module):
     """Tokens (B, N, dim) -> per-pixel outputs (B, out_channels, H, W); each token becomes a p x p patch."""
 
-    def __init__(self, size: ViTSize, image_size: int, patch_size: int, out_channels: int):
+    def __init__(self, size: ViTSize, image_size: int, patch_size: int, out_channels: int, noble: Noble = Noble()):
         super().__init__()
         self.grid, self.patch_size, self.out_channels = image_size // patch_size, patch_size, out_channels
         self.register_buffer("pos", sincos_2d(self.grid, self.grid, size.dim), persistent=False)
-        self.blocks = nn.ModuleList(Block(size) for _ in range(size.depth))
+        self.blocks = nn.ModuleList(Block(size, noble=noble) for _ in range(size.depth))
         self.norm = nn.LayerNorm(size.dim)
         self.head = TanhHead(size.dim, size.mlp_dim, patch_size * patch_size * out_channels)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.noble import branch_parameter_groups
 from pipeline.schedules import warmup_hold_exponential
 from pipeline.train.optim import grad_norm
 
@@ -17,14 +18,16 @@ LN2 = math.log(2)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: embeddings, position tables, norms and biases are left alone (nanoGPT)."""
+    """Decay matrices only: embeddings, position tables, norms and biases are left alone (nanoGPT). NOBLE
+    branch parameters, where the model has them, get groups of their own with their `lr_scale`."""
+    placed, branch_groups = branch_parameter_groups(model, weight_decay)
     decay, keep = [], []
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
+        if not parameter.requires_grad or id(parameter) in placed:
             continue
         is_matrix = parameter.dim() >= 2 and "embedding" not in name and "position" not in name
         (decay if is_matrix else keep).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}, *branch_groups]
 
 
 def lr_at(step: int, peak: float, floor: float, warmup: int, decay_start: int, total: int) -> float:

@@ -120,9 +120,11 @@ class TrainingLoop:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Every rank calls this (the RNG states are gathered); rank 0 hands over the state."""
+        """Every rank calls this (the RNG states are gathered, and a sharded model's weights); rank 0 hands
+        over the state."""
         rng = all_rng_states(self.world)
-        self.save_checkpoint({"step": float(self.step)}, self.state.state_dict(rng) if self.rank == 0 else None)
+        state = self.state.state_dict(rng) if self.rank == 0 or self.state.collective else None
+        self.save_checkpoint({"step": float(self.step)}, state if self.rank == 0 else None)
 
     @property
     def seconds(self) -> float:

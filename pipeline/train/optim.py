@@ -35,5 +35,6 @@ def average_gradients(module: nn.Module) -> None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate, times each group's `lr_scale` where it has one (NOBLE's multipliers)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

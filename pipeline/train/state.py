@@ -30,6 +30,12 @@ class TrainState:
         self.counters = dict(counters or {})
         self.step = self.epoch = self.batch_in_epoch = 0
 
+    @property
+    def collective(self) -> bool:
+        """Whether `state_dict` gathers across ranks (a component with `collective = True`, such as a sharded
+        model's full state): then every rank calls it, and rank 0 alone gets the full state."""
+        return any(getattr(part, "collective", False) for part in self.components.values())
+
     def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
         """Everything to checkpoint; `rng` holds one `rng_state()` per rank, in rank order."""
         state: dict[str, Any] = {name: _on_cpu(part) for name, part in self.components.items()}

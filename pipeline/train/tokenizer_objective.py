@@ -12,7 +12,17 @@ from pipeline.config import TokenizerConfig
 from pipeline.models.discriminator import StyleGANDiscriminator
 from pipeline.models.losses import (Perceptual, discriminator_adversarial, find_vgg16_weights,
                                     generator_adversarial, logit_laplace_nll, r1_penalty)
+from pipeline.models.noble import branch_parameter_groups
 from pipeline.models.tokenizer import ViTVQGAN
+
+
+def generator_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The generator's optimizer groups: every trainable parameter decayed at `weight_decay`, as the tokenizer
+    always did, except NOBLE branch parameters, which get their learning-rate multipliers and decay on
+    matrices only. Without branches: one group, the same optimizer state as before."""
+    placed, branch_groups = branch_parameter_groups(model, weight_decay)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in placed]
+    return [{"params": rest, "weight_decay": weight_decay}, *branch_groups]
 
 
 class TokenizerObjective(nn.Module):
