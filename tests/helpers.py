@@ -132,3 +132,15 @@ def check_evaluation(run_dir: Path, per_class: int = 4, acceptance: float = 0.3,
     assert {"metrics.json", "metrics.md", "samples_grid.png", "probe_accuracy_per_block.png"} <= artifacts
     logged = client.get_run(manifest.mlflow_run_id).data.metrics
     assert logged["fid_domain"] == metrics["fid_domain"]
+
+
+def logits_through_the_cache(model, tokens, labels):
+    """The VIM Transformer's logits at every position, decoded one token at a time through its KV cache:
+    what the full forward pass must equal."""
+    import torch
+
+    cache = model.new_cache(tokens.shape[0])
+    steps = [model.prefill(labels, cache)]
+    for t in range(tokens.shape[1] - 1):
+        steps.append(model.decode_step(tokens[:, t], cache))
+    return torch.stack(steps, 1)

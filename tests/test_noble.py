@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import logits_through_the_cache
 from pipeline.config import ConfigError, build_config, load_config
 from pipeline.device import Backend
 from pipeline.models.io import SETTINGS_FILE
@@ -238,11 +239,7 @@ def test_kv_cache_decoding_equals_the_full_forward_with_branches_on(activation, 
         silent = _vim(device, noble_rank=0)
         silent.load_state_dict({k: v for k, v in model.state_dict().items() if "noble" not in k})
         assert (full - silent(tokens, labels)).abs().max() > 1e-2  # the branches shape the logits
-    cache = model.new_cache(3)
-    steps = [model.prefill(labels, cache)]
-    for t in range(15):
-        steps.append(model.decode_step(tokens[:, t], cache))
-    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
+    assert torch.allclose(logits_through_the_cache(model, tokens, labels), full, atol=1e-4)
     cache = model.new_cache(3)
     assert torch.allclose(model.prefill(labels, cache, prefix=tokens[:, :6]), full[:, 6], atol=1e-4)
 

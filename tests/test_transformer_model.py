@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import logits_through_the_cache
 from pipeline.device import Backend
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, load_model, save_weights
 from pipeline.models.settings import VIM_SIZES, TransformerSettings
@@ -43,11 +44,7 @@ def test_kv_cache_decoding_equals_full_forward(num_classes):
     tokens = torch.randint(0, 32, (3, 16))
     labels = torch.tensor([0, 4, 2]) if num_classes else None
     full = model(tokens, labels)
-    cache = model.new_cache(3)
-    steps = [model.prefill(labels, cache)]
-    for t in range(15):
-        steps.append(model.decode_step(tokens[:, t], cache))
-    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+    assert torch.allclose(logits_through_the_cache(model, tokens, labels), full, atol=1e-5)
     # A prefix prefilled at once continues exactly as the token-by-token path.
     cache = model.new_cache(3)
     after_prefix = model.prefill(labels, cache, prefix=tokens[:, :6])
