@@ -46,6 +46,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--save", type=Path, help="write the checkpoint after the last step here")
     parser.add_argument("--resume", type=Path, help="resume from this checkpoint and take one step only")
     parser.add_argument("--decode-check", action="store_true")
+    parser.add_argument("--noble-rank", type=int, default=0, help="NOBLE branches on the blocks' linear layers")
     parser.add_argument("--report", type=Path)
     return parser.parse_args()
 
@@ -68,7 +69,7 @@ def step_batch(tokens, labels, step: int):
     return [(tokens[part], labels[part]) for part in index.split(MICRO_BATCH)]
 
 
-def build(backend, parallelism: str):
+def build(backend, parallelism: str, noble_rank: int = 0):
     """The pico VIM Transformer on the device (sharded per `parallelism`), its AdamW, and an identical
     copy with its own AdamW on the CPU as the single-device reference."""
     import torch
@@ -79,7 +80,7 @@ def build(backend, parallelism: str):
 
     torch.manual_seed(0)
     reference = VIMTransformer(TransformerSettings(size="pico", vocab_size=VOCAB, grid=GRID, num_classes=CLASSES,
-                                                   dropout=0.0)).train()
+                                                   dropout=0.0, noble_rank=noble_rank)).train()
     core = copy.deepcopy(reference).to(backend.device)
     model = xla_spmd.shard_model(core, fully_sharded=parallelism == "fsdp")
     optimizer = torch.optim.AdamW(parameter_groups(core, WEIGHT_DECAY), lr=LR, betas=BETAS)
@@ -165,7 +166,7 @@ def train(args, backend, report: dict) -> None:
     except RuntimeError:
         report["two_workers_refused"] = True
     tokens, labels = task()
-    core, model, optimizer, reference, reference_optimizer = build(backend, args.parallelism)
+    core, model, optimizer, reference, reference_optimizer = build(backend, args.parallelism, args.noble_rank)
     cpu = Backend("cpu", torch.device("cpu"))
     first = step_batch(tokens, labels, 0)
     report["batch_local_shapes"] = xla_spmd.local_shard_shapes(backend.batch_to_device(first[0][0]))
@@ -198,7 +199,7 @@ def train(args, backend, report: dict) -> None:
         (args.save / EXPECTED).write_text(json.dumps({"next_loss": report["next_loss"], "devices": args.devices,
                                                       "parallelism": args.parallelism}))
     # A fresh model and optimizer resumed from that state in this process, on the same devices.
-    fresh_core, fresh_model, fresh_optimizer, _, _ = build(backend, args.parallelism)
+    fresh_core, fresh_model, fresh_optimizer, _, _ = build(backend, args.parallelism, args.noble_rank)
     train_state(fresh_core, fresh_optimizer).load_state_dict(saved, rank=0)
     set_schedule(fresh_optimizer, args.steps, args.steps)
     report["resumed_next_loss_same_devices"] = xla_step(fresh_model, fresh_optimizer, backend, next_batch)
@@ -210,7 +211,7 @@ def resume(args, backend, report: dict) -> None:
     from pipeline.train.state import load_state
 
     tokens, labels = task()
-    core, model, optimizer, _, _ = build(backend, args.parallelism)
+    core, model, optimizer, _, _ = build(backend, args.parallelism, args.noble_rank)
     state = train_state(core, optimizer)
     state.load_state_dict(load_state(args.resume), rank=0)
     report["resumed_from"] = json.loads((args.resume / EXPECTED).read_text())

@@ -145,3 +145,17 @@ def test_a_fully_sharded_checkpoint_resumes_on_two_devices(fully_sharded, tmp_pa
         expected = [list(fsdp_local_shape(entry["shape"], 2))] * 2
         assert entry["local_shapes"] == expected, name
         assert [moment["local_shapes"] for moment in entry["moments"].values()] == [expected] * 2, name
+
+
+@needs_tpu_env
+def test_noble_branches_train_fully_sharded_on_four_devices_as_on_one(tmp_path):
+    """NOBLE's branches (pipeline/models/noble.py) on the XLA path: sharded with the rest of the model, and a
+    step over 4 devices equals the CPU's."""
+    report = run_loop(tmp_path / "report.json", "--devices", str(DEVICES), "--parallelism", "fsdp", "--steps", "3",
+                      "--noble-rank", "4")
+    branches = {name: entry for name, entry in report["shards"].items() if ".noble." in name}
+    assert branches and all(entry["local_shapes"] == [list(fsdp_local_shape(entry["shape"], DEVICES))] * DEVICES
+                            for entry in branches.values())
+    for step in (1, 2):
+        assert report[f"param_max_abs_diff_after_step_{step}"] < PARAMETER_TOLERANCE
+    assert report["losses"][:2] == pytest.approx(report["reference_losses"], abs=LOSS_TOLERANCE)
