@@ -74,13 +74,11 @@ def encode_images(model, images: np.ndarray) -> np.ndarray:
     import torch
 
     from pipeline.data.transforms import to_float
-    from pipeline.data.views import cut_view
+    from pipeline.data.views import as_rgb, cut_view
 
     if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W[, C]), got {images.dtype}")
-    if images.ndim == 3:  # grey, as pretokenize treats it
-        images = np.repeat(images[..., None], 3, axis=-1)
-    plain = cut_view(images, "plain", model.settings.image_size)
+    plain = cut_view(as_rgb(images), "plain", model.settings.image_size)  # pretokenize's plain view
     with torch.inference_mode():
         return model.encode(to_float(torch.from_numpy(plain))).numpy()
 

@@ -24,6 +24,11 @@ def _centered(images: np.ndarray, size: int) -> np.ndarray:
     return scaled.mul(255).round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def as_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W) grey, as decoded without a channel axis, or (B, H, W, C) -> (B, H, W, C)."""
+    return np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
+
+
 def cut_view(images: np.ndarray, view: str, size: int, crop_scale: float = 1.125) -> np.ndarray:
     """uint8 (B, H, W, C) -> uint8 (B, size, size, C). Stays uint8 when no resize is needed, so the plain
     view of an image already at `size` is bit-identical to the stored image."""
@@ -57,9 +62,7 @@ def view_rows(batch: dict[str, np.ndarray], views: list[str], size: int, crop_sc
               group_of_shard: dict[str, int]) -> dict:
     """Ray Data batch step: one row per (image, view), each view at the tokenizer's input size, tagged with
     the `piece` (group of shards) its shard belongs to. Rows stay grouped by piece, in piece order."""
-    images = np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"]
-    if images.ndim == 3:  # grayscale decoded without a channel axis
-        images = np.repeat(images[..., None], 3, axis=-1)
+    images = as_rgb(np.stack(list(batch["image"])) if batch["image"].dtype == object else batch["image"])
     pieces = np.array([group_of_shard[shard_of_url(url)] for url in batch["shard"]], np.int32)
     out = {"key": [], "label": [], "view": [], "piece": [], "image": []}
     for view in views:
