@@ -1,8 +1,10 @@
 """Small helpers shared by the stage tests: tiny configs, checkpoint waits, the evaluation check."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -144,3 +146,17 @@ def logits_through_the_cache(model, tokens, labels):
     for t in range(tokens.shape[1] - 1):
         steps.append(model.decode_step(tokens[:, t], cache))
     return torch.stack(steps, 1)
+
+
+@contextlib.contextmanager
+def mlflow_at(uri: str):
+    """MLflow's global tracking (and registry) URI set to `uri` for `models:/` loads, then unset as before:
+    `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which later stage runs in this process would follow."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets the variable too

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
+from helpers import mlflow_at
 from pipeline.data.codes import codes_matrix
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.mlflow_models import registered_name
@@ -21,10 +22,8 @@ from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, default_trac
 @pytest.fixture(scope="module")
 def store(coded_run):
     uri = default_tracking_uri(str(coded_run))
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # the registry URI follows the tracking URI
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(previous)
+    with mlflow_at(uri):  # the registry URI follows the tracking URI
+        yield MlflowClient(uri)
 
 
 def _stage_run(client: MlflowClient, run_dir: Path, folder: str):

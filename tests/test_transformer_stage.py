@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import PRETOKENIZE_TINY, assert_resume_follows_uninterrupted, kill_a_train_worker_after_checkpoint
+from helpers import (PRETOKENIZE_TINY, assert_resume_follows_uninterrupted, kill_a_train_worker_after_checkpoint,
+                     mlflow_at)
 from pipeline.config import load_config
 from pipeline.mlflow_models import registered_name
 from pipeline.models.transformer import load_transformer
@@ -68,8 +69,8 @@ def test_two_workers_train_survive_a_kill_and_export(coded_run, ray_cluster, tmp
     assert model(tokens, torch.tensor([1, model.settings.null_class])).shape == (2, 16, 64)
     # Registered in MLflow with the run's tokenizer: it samples codes, and pictures through that tokenizer.
     experiment = client.get_experiment(client.get_run(manifest.mlflow_run_id).info.experiment_id).name
-    mlflow.set_tracking_uri(default_tracking_uri(str(run_dir)))  # the registry follows it
-    registered = mlflow.pyfunc.load_model(f"models:/{registered_name(experiment, 'transformer')}/1")
+    with mlflow_at(default_tracking_uri(str(run_dir))):  # the registry follows it
+        registered = mlflow.pyfunc.load_model(f"models:/{registered_name(experiment, 'transformer')}/1")
     labels = np.array([1, 2, 3])
     codes = registered.predict(labels, params={"seed": 5})
     assert codes.shape == (3, 4, 4) and codes.min() >= 0 and codes.max() < 64
