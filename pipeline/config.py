@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.models.settings import (Float, Int, TokenizerSettings, TransformerArchitecture,
+from pipeline.models.settings import (ADDED_LATER, Float, Int, TokenizerSettings, TransformerArchitecture,
                                       TransformerSettings, later_fields_at_default)
 
 
@@ -132,7 +132,11 @@ class TrainerResources(Section):
 
 
 class TokenizerConfig(Section, TokenizerSettings):
-    # model: the fields of TokenizerSettings (pipeline/models/settings.py), inherited
+    # model: the fields of TokenizerSettings (pipeline/models/settings.py), inherited; `channels` may also be
+    # "auto": the data decides (stages/tokenizer.py reads the ingest manifest: 1 when every image is grey)
+    channels: Literal["auto", 1, 3] = Field(
+        "auto", description="auto: 1 when every ingested image is grey, else 3; or 1 / 3 to force it",
+        json_schema_extra=ADDED_LATER)
     # losses (paper: L2 1.0, logit-Laplace 0.1, perceptual 0.1, adversarial 0.1)
     l2_weight: Float = Field(1.0, ge=0)
     logit_laplace_weight: Float = Field(0.1, ge=0)
@@ -162,9 +166,13 @@ class TokenizerConfig(Section, TokenizerSettings):
     val_images: Int = Field(1024, ge=1, description="val images for the final metrics")
     resources: TrainerResources = TrainerResources()
 
-    def model_settings(self) -> TokenizerSettings:
-        """The model's settings, taken from this section by field name."""
-        return TokenizerSettings.model_validate(self.model_dump(include=set(TokenizerSettings.model_fields)))
+    def model_settings(self, data_channels: int = 3) -> TokenizerSettings:
+        """The model's settings, taken from this section by field name; `channels: auto` becomes
+        `data_channels` (what the ingest manifest records)."""
+        data = self.model_dump(include=set(TokenizerSettings.model_fields))
+        if data["channels"] == "auto":
+            data["channels"] = data_channels
+        return TokenizerSettings.model_validate(data)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TokenizerConfig":

@@ -108,9 +108,12 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         metrics[f"{split}_skipped"] = float(c["skipped"])
     log.info("wrote %d images (%d skipped) at %.1f images/s", total_images, metrics["skipped_total"],
              metrics["images_per_second"])
+    # Grey data is tokenized as one channel (stages/tokenizer.py): every image written must be grey, as counted
+    # from the decoded pixels, so one colour image anywhere keeps three.
+    all_grey = all(c["grey_images"] == c["images"] for c in counts.values())
     return StageResult(
         outputs={"classes": "classes.json", "shards": shard_files, "image_format": icfg.image_format,
-                 "resolution": icfg.resolution},
+                 "resolution": icfg.resolution, "channels": 1 if all_grey else 3},
         counts=counts, metrics=metrics,
         details={"skipped": skipped, "ignored": {s: i.ignored for s, i in index.splits.items()},
                  "num_classes": len(index.classes), "source_fingerprint": index.fingerprint})
@@ -170,7 +173,10 @@ def _summaries(index, done: dict[tuple[str, int], ShardStats], planned: dict[str
             skipped.extend({**x, "split": split} for x in s.skipped)
         reasons = Counter(x["reason"] for s in stats for x in s.skipped)
         written = sum(s.count for s in stats)
-        counts[split] = {"images": written, "skipped": sum(reasons.values()), "skipped_by_reason": dict(reasons),
+        # A shard recorded before grey counting (None) counts as colour: unknown is not grey.
+        grey = sum(s.grey or 0 for s in stats)
+        counts[split] = {"images": written, "grey_images": grey, "skipped": sum(reasons.values()),
+                         "skipped_by_reason": dict(reasons),
                          "planned": planned[split], "indexed": total_indexed[split], "shards": len(stats),
                          "bytes": sum(s.bytes for s in stats),
                          "class_histogram": {str(k): histogram[k] for k in sorted(histogram)},

@@ -354,6 +354,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     return StageResult(
         outputs={"codes": outputs, "grid": [grid, grid], "depth": 1, "codebook_size": settings["codebook_size"],
                  "length": grid * grid, "views": {v: VIEW_IDS[v] for v in pcfg.views},
-                 "tokenizer_sha256": tokenizer_hash, "image_size": settings["image_size"]},
+                 "tokenizer_sha256": tokenizer_hash, "image_size": settings["image_size"],
+                 "channels": settings.get("channels", 3)},
         counts=counts, metrics=metrics,
         details={"rows_per_file": pcfg.rows_per_file, "piece_images": pcfg.piece_images})

@@ -13,7 +13,7 @@ from pipeline import device as devices
 from pipeline.config import PipelineConfig, TokenizerConfig
 from pipeline.data.transforms import center, random_crop_flip, to_float
 from pipeline.metrics.codebook import CodebookUsage
-from pipeline.metrics.image_quality import psnr
+from pipeline.metrics.image_quality import psnr, ssim
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
 from pipeline.models.losses import find_vgg16_weights, logit_laplace_nll
 from pipeline.schedules import warmup_cosine
@@ -123,15 +123,16 @@ def _val_batches(cfg: TokenizerConfig):
 
 @torch.no_grad()
 def evaluate_reconstruction(model, batches, codebook_size: int, limit: int, backend) -> dict[str, float]:
-    """Val metrics: PSNR, L2, logit-Laplace NLL, codebook usage (paper's per-256 and whole split)."""
+    """Val metrics: PSNR, SSIM, L2, logit-Laplace NLL, codebook usage (paper's per-256 and whole split)."""
     model.eval()
     usage = CodebookUsage(codebook_size)
-    sums = {"psnr": 0.0, "l2": 0.0, "logit_laplace": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0, "logit_laplace": 0.0}
     seen = 0
     for images in batches:
         images = images[: limit - seen].to(backend.device)
         reconstruction, raw, quantized = model(images)
         sums["psnr"] += float(psnr(reconstruction, images).sum())
+        sums["ssim"] += float(ssim(reconstruction.float(), images.float()).sum())
         sums["l2"] += float((reconstruction.clamp(0, 1) - images).pow(2).flatten(1).mean(1).sum())
         if "mu" in raw:
             sums["logit_laplace"] += float(logit_laplace_nll(images, raw["mu"], raw["log_b"])) * len(images)
@@ -174,8 +175,10 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
                 for split, name in (("train", "train"), ("val", held_out_split(ctx)))}
     ctx.tracker.set_tags({"vim.perceptual_loss": "on" if tcfg.perceptual_weight > 0 else "off",
                           "vim.adversarial_loss": "on" if tcfg.adversarial_weight > 0 else "off"})
-    settings = tcfg.model_settings()
-    final = train_and_export(ctx, tokenizer_loop, {"tokenizer": tcfg.model_dump(mode="json")}, tcfg.resources,
+    # Grey data (ingest records 1 channel when every image is grey) is tokenized and decoded as one channel.
+    settings = tcfg.model_settings(data_channels=ctx.inputs["ingest"].outputs.get("channels", 3))
+    loop_tokenizer = {**tcfg.model_dump(mode="json"), "channels": settings.channels}
+    final = train_and_export(ctx, tokenizer_loop, {"tokenizer": loop_tokenizer}, tcfg.resources,
                              datasets, lambda weights, folder: save_weights(weights, settings, folder))
     images = tcfg.steps * tcfg.batch_size * tcfg.resources.num_workers
     final["train_images_per_second_overall"] = images / max(final["train_seconds"], 1e-9)
@@ -183,7 +186,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
                  final["val_usage_per_256"], final["val_perplexity"])
     return StageResult(
         outputs={"model": WEIGHTS_FILE, "config": SETTINGS_FILE, "grid": [settings.grid, settings.grid],
-                 "codebook_size": tcfg.codebook_size},
+                 "codebook_size": tcfg.codebook_size, "channels": settings.channels},
         counts={"steps": int(final["steps"]), "train_images_seen": images},
         metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
         details={"perceptual_loss": "on" if tcfg.perceptual_weight > 0 else "off (weight 0)",

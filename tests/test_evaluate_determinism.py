@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import PRETOKENIZE_TINY
 from pipeline.config import load_config
@@ -75,6 +76,12 @@ def test_the_same_config_gives_the_same_metrics(trained_run, tmp_path):
     assert not differing and first.keys() == second.keys(), differing
     for name in ("images", "labels", "codes", "accepted"):
         np.testing.assert_array_equal(first_samples[name], second_samples[name], err_msg=name)
+    # Fashion-MNIST is grey: samples and the stage's image grids have R = G = B exactly (no colour cast).
+    assert first_samples["images"].shape[-1] == 3
+    assert int(np.ptp(first_samples["images"].astype(np.int16), axis=-1).max()) == 0
+    for name in ("reconstructions.png", "samples_grid.png"):
+        pixels = np.asarray(Image.open(tmp_path / "first" / "eval" / name).convert("RGB")).astype(np.int16)
+        assert int(np.ptp(pixels, axis=-1).max()) == 0, name
 
     # Only the guidance scale changed, in the first run's directory (its cached domain classifier is reused:
     # its figures were compared fresh above): the sampling figures may move, nothing else does.

@@ -88,6 +88,7 @@ def test_cifar10_image_folder(ray_cluster, cifar_root, tmp_path):
     manifest = Manifest.read(RunDir(str(tmp_path / "run")), "shards")
     assert manifest.counts["train"]["images"] == 300 and manifest.counts["val"]["images"] == 300
     assert len(manifest.counts["train"]["class_histogram"]) == 10
+    assert manifest.outputs["channels"] == 3  # colour data: tokenized as RGB
     sample = next(iter_samples(list_shards(str(tmp_path / "run" / "shards" / "train"))[0]))
     assert sample["image"].shape == (32, 32, 3)
 

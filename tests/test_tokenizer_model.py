@@ -182,8 +182,12 @@ def test_the_config_builds_the_tokenizer_settings_by_field_name():
     settings = cfg.model_settings()
     assert type(settings) is TokenizerSettings
     assert settings.codebook_dim is None and settings.ema and settings.encoder == "mini"
-    assert settings.model_dump() == {name: getattr(cfg, name) for name in TokenizerSettings.model_fields}
+    assert settings.model_dump() == {**{name: getattr(cfg, name) for name in TokenizerSettings.model_fields},
+                                     "channels": 3}
     assert settings.grid == cfg.image_size // cfg.patch_size
+    # channels: auto takes what the data is (the ingest manifest's record); 1 or 3 in the config win over it.
+    assert cfg.channels == "auto" and cfg.model_settings(data_channels=1).channels == 1
+    assert cfg.model_copy(update={"channels": 3}).model_settings(data_channels=1).channels == 3
 
 
 @pytest.mark.parametrize("overrides", [

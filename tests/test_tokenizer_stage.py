@@ -22,6 +22,7 @@ TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=128", "ingest.reso
         "ingest.cpus_per_task=0.5", "tokenizer.image_size=16", "tokenizer.codebook_size=64",
         "tokenizer.steps=160", "tokenizer.batch_size=16", "tokenizer.checkpoint_every=10",
         "tokenizer.log_every=10", "tokenizer.image_every=80", "tokenizer.disc_start=20",
+        "tokenizer.adversarial_weight=0.1", "tokenizer.logit_laplace_weight=0.1",  # the paper's objective, whole
         "tokenizer.val_images=64", "tokenizer.resources.num_workers=2",
         "tokenizer.resources.cpus_per_worker=0.5"]
 
@@ -41,6 +42,10 @@ def _check_finished(run_dir: Path) -> Manifest:
     logged = sorted({m.step for m in _history(run_dir, manifest.mlflow_run_id, "train_loss")})
     assert logged == list(range(10, 161, 10))  # every logging step once or more: none skipped
     assert manifest.metrics["val_psnr"] > 5 and 0 < manifest.metrics["val_usage_per_256"] <= 1
+    assert 0 < manifest.metrics["val_ssim"] <= 1
+    # Both of the paper's loss terms that the demo leaves off ran: the discriminator from disc_start on.
+    assert min(m.step for m in _history(run_dir, manifest.mlflow_run_id, "train_disc")) >= 20
+    assert _history(run_dir, manifest.mlflow_run_id, "train_logit_laplace")
     return manifest
 
 

@@ -41,6 +41,13 @@ class ShardStats:
     labels: dict[int, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    grey: int | None = None  # images whose R, G and B are equal everywhere (None: a record from before the count)
+
+
+def is_grey(image: Image.Image) -> bool:
+    """True when the RGB image carries no colour: its three channels are equal at every pixel."""
+    pixels = np.asarray(image)
+    return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
 
 
 def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -59,7 +66,7 @@ def write_shard(rows: pa.Table, split: str, shard: int, location: str, resolutio
     fs, final_path = open_fs(location)
     fs.create_dir(final_path.rsplit("/", 1)[0], recursive=True)
     temp_path = f"{final_path}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
-    stats = ShardStats(split, shard, location)
+    stats = ShardStats(split, shard, location, grey=0)
     labels: Counter[int] = Counter()
     reader = SampleReader()
     try:
@@ -69,7 +76,8 @@ def write_shard(rows: pa.Table, split: str, shard: int, location: str, resolutio
                     raw = reader.read(row["kind"], row["path"], row["offset"], row["size"])
                     image = to_rgb(raw) if isinstance(raw, Image.Image) else decode(raw)
                     original_size = list(image.size)
-                    data = encode(resize_center_crop(image, resolution), image_format, jpeg_quality)
+                    image = resize_center_crop(image, resolution)
+                    data = encode(image, image_format, jpeg_quality)
                 except BadImage as bad:
                     stats.skipped.append({"key": row["key"], "origin": row["origin"], "reason": bad.reason,
                                           "detail": bad.detail})
@@ -83,6 +91,7 @@ def write_shard(rows: pa.Table, split: str, shard: int, location: str, resolutio
                 _add(tar, f"{row['key']}.cls", str(row["label"]).encode())
                 _add(tar, f"{row['key']}.json", json.dumps(meta, sort_keys=True).encode())
                 stats.count += 1
+                stats.grey += is_grey(image)
                 stats.bytes += len(data)
                 labels[row["label"]] += 1
         fs.move(temp_path, final_path)

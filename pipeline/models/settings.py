@@ -140,6 +140,9 @@ class TokenizerSettings(QuantizerSettings, NobleSettings):
         "null: 1, 2, 4, 4, ... (doubling, at most 4)", json_schema_extra=added_later_with("architecture"))
     cnn_res_blocks: Int = Field(1, ge=1, description="cnn: residual blocks per level (the decoder has one more)",
                                 json_schema_extra=added_later_with("architecture"))
+    channels: Literal[1, 3] = Field(
+        3, description="colour channels the encoder reads and the decoder predicts; 1: grey data (images still "
+        "enter and leave as RGB, the decoder's one channel shared by all three)", json_schema_extra=ADDED_LATER)
 
     @property
     def grid(self) -> int:

@@ -3,9 +3,10 @@
 With `architecture: cnn` the encoder and decoder are the CNN-VQGAN baseline's (pipeline/models/cnn.py) around
 the same quantizer and output heads, so the losses and the stages treat both alike.
 
-Images enter and leave in [0, 1]. The decoder head is either the paper's logit-Laplace head (sigmoid
+Images enter and leave as RGB in [0, 1]. The decoder head is either the paper's logit-Laplace head (sigmoid
 mean, 6 channels: location and log-scale per colour) or Parti's plain linear head (3 channels, no
-sigmoid, no logit-Laplace loss).
+sigmoid, no logit-Laplace loss). A grey model (`channels: 1`) reads the luma and predicts one plane, which
+R, G and B share.
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
 from pipeline.models.settings import VIT_SIZES, TokenizerSettings
 from pipeline.models.vit import ViTDecoder, ViTEncoder, init_weights
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601: R, G, B weights summing to 1
+
 
 class ViTVQGAN(nn.Module):
     def __init__(self, settings: TokenizerSettings):
         super().__init__()
         self.settings = settings
-        out_channels = 6 if settings.output_head == "logit_laplace" else 3
+        # The logit-Laplace head predicts a location and a log-scale per channel.
+        out_channels = settings.channels * (2 if settings.output_head == "logit_laplace" else 1)
         if settings.architecture == "cnn":
             self._build_cnn(settings, out_channels)
         else:
@@ -46,7 +50,7 @@ class ViTVQGAN(nn.Module):
     def _build_vit(self, settings: TokenizerSettings, out_channels: int) -> None:
         enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
         noble = Noble.of(settings)  # NOBLE branches in the encoder's and decoder's blocks (rank 0: none)
-        self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size, noble=noble)
+        self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size, settings.channels, noble=noble)
         self.quantizer = VectorQuantizer(enc.dim, settings)
         self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
         self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels, noble=noble)
@@ -55,7 +59,7 @@ class ViTVQGAN(nn.Module):
 
     def _build_cnn(self, settings: TokenizerSettings, out_channels: int) -> None:
         # taming's default (PyTorch) conv initialisation; encoder and decoder meet at the same latent width.
-        self.encoder = CNNEncoder(settings)
+        self.encoder = CNNEncoder(settings, settings.channels)
         self.quantizer = VectorQuantizer(settings.latent_width, settings)
         self.bridge = nn.Identity()
         self.decoder = CNNDecoder(settings, out_channels)
@@ -63,25 +67,39 @@ class ViTVQGAN(nn.Module):
     # ---- the training path ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], QuantizerOutput]:
         """images in [0, 1] -> (reconstruction in [0, 1], raw decoder outputs, quantizer output)."""
-        quantized = self.quantizer(self.encoder(images * 2 - 1))
+        quantized = self.quantizer(self.encoder(self._model_input(images)))
         raw = self.decoder(self.bridge(quantized.quantized))
         return self._pixels(raw), self._split(raw), quantized
 
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] -> the encoder's input in [-1, 1]: one channel (ITU-R 601 luma) for a grey model."""
+        if self.settings.channels == 1:
+            images = torch.einsum("bchw,c->bhw", images, LUMA.to(images)).unsqueeze(1)
+        return images * 2 - 1
+
+    def _as_rgb(self, planes: torch.Tensor) -> torch.Tensor:
+        """A grey model's one predicted plane shared by R, G and B: its pictures have no colour to cast, and a
+        loss over the three equals the loss over the one."""
+        return planes.expand(-1, 3, -1, -1) if self.settings.channels == 1 else planes
+
     def _split(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        channels = self.settings.channels
         if self.settings.output_head == "logit_laplace":
-            return {"mu": raw[:, :3], "log_b": raw[:, 3:].clamp(-7.0, 3.0)}
-        return {"pixels": raw}
+            return {"mu": self._as_rgb(raw[:, :channels]),
+                    "log_b": self._as_rgb(raw[:, channels:].clamp(-7.0, 3.0))}
+        return {"pixels": self._as_rgb(raw)}
 
     def _pixels(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.settings.output_head == "logit_laplace":
-            return from_laplace_space(torch.sigmoid(raw[:, :3]))  # the sigmoid on the mean prediction
-        return raw  # Parti: unbounded; clamp only when turning into an image
+        if self.settings.output_head == "logit_laplace":  # the sigmoid on the mean prediction
+            raw = from_laplace_space(torch.sigmoid(raw[:, :self.settings.channels]))
+        # Parti's linear head is unbounded: clamp only when turning into an image
+        return self._as_rgb(raw).contiguous()
 
     # ---- codes in and out -----------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> codes (B, h, w) int64."""
-        codes = self.quantizer.encode(self.encoder(images * 2 - 1))
+        """(B, 3, H, W) RGB in [0, 1] -> codes (B, h, w) int64."""
+        codes = self.quantizer.encode(self.encoder(self._model_input(images)))
         return codes.view(images.shape[0], self.settings.grid, self.settings.grid)
 
     @torch.no_grad()
