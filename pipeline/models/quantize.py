@@ -20,7 +20,7 @@ from pipeline.models.settings import QuantizerSettings
 
 @dataclass
 class QuantizerOutput:
-    codes: torch.Tensor  # (B, N) int64
+    codes: torch.Tensor  # (B, N) int64; residual quantization: (B, N, D)
     quantized: torch.Tensor  # (B, N, dim), straight-through, back in the model dimension
     losses: dict[str, torch.Tensor]
     stats: dict[str, float]
@@ -45,11 +45,21 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, cosine: bool, max_elem
     return out
 
 
+def usage_and_perplexity(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From code counts (..., K): the fraction of codes used and the perplexity of their distribution."""
+    probs = counts / counts.sum(-1, keepdim=True)
+    entropy = -torch.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0, without boolean indexing
+    return (counts > 0).float().mean(-1), entropy.exp()
+
+
 class VectorQuantizer(nn.Module):
-    def __init__(self, dim: int, settings: QuantizerSettings, search_chunk_elements: int = 2**24):
+    def __init__(self, dim: int, settings: QuantizerSettings, search_chunk_elements: int = 2**24, books: int = 1):
+        """`books`: independent codebooks of `codebook_size` codes stacked in one table (residual quantization's
+        per-depth codebooks, pipeline/models/residual_quantize.py); the vector quantizer has one."""
         super().__init__()
         self.settings = settings
         codebook_size, codebook_dim = settings.codebook_size, settings.codebook_dim
+        rows = books * codebook_size
         self.codebook_size, self.beta, self.l2 = codebook_size, settings.beta, settings.l2_normalize
         self.ema, self.ema_decay, self.dead_threshold = settings.ema, settings.ema_decay, settings.dead_code_threshold
         self.chunk = search_chunk_elements
@@ -57,14 +67,14 @@ class VectorQuantizer(nn.Module):
         # No bias: a learnable offset can swamp small encoder outputs and drag every latent onto one code.
         self.proj_in = nn.Linear(dim, lookup_dim, bias=False) if codebook_dim else nn.Identity()
         self.proj_out = nn.Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
-        self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim), requires_grad=not self.ema)
+        self.codebook = nn.Parameter(torch.randn(rows, lookup_dim), requires_grad=not self.ema)
         # Usage counts (EMA of how often each code is picked) drive dead-code restarts and the stats.
-        self.register_buffer("usage", torch.ones(codebook_size))
+        self.register_buffer("usage", torch.ones(rows))
         # codebook_init="data": the first training batch's latents seed the codebook (instead of the paper's
         # normal init), which avoids the early collapse onto a handful of codes in small, short runs.
         self.register_buffer("needs_data_init", torch.tensor(settings.codebook_init == "data"))
         if self.ema:
-            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_count", torch.ones(rows))
             self.register_buffer("ema_sum", self.codebook.detach().clone())
 
     def lookup_table(self) -> torch.Tensor:
@@ -136,7 +146,7 @@ class VectorQuantizer(nn.Module):
         self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
         self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
         total = self.ema_count.sum()
-        smoothed = (self.ema_count + 1e-5) / (total + self.codebook_size * 1e-5) * total  # Laplace smoothing
+        smoothed = (self.ema_count + 1e-5) / (total + self.ema_count.numel() * 1e-5) * total  # Laplace smoothing
         self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
 
     @torch.no_grad()
@@ -146,7 +156,11 @@ class VectorQuantizer(nn.Module):
         self.usage.mul_(0.99).add_(counts, alpha=0.01)
         if self.dead_threshold <= 0:
             return 0
-        dead = self.usage < self.dead_threshold
+        return self._restart(self.usage < self.dead_threshold, flat)
+
+    @torch.no_grad()
+    def _restart(self, dead: torch.Tensor, flat: torch.Tensor) -> int:
+        """Restarts the codes marked in `dead` at random rows of `flat`; returns how many."""
         count = int(dead.sum())
         if count == 0:
             return 0
@@ -165,9 +179,8 @@ class VectorQuantizer(nn.Module):
     def _batch_stats(self, counts: torch.Tensor) -> dict[str, float]:
         """From this rank's code `counts`. `dead_codes`: codes below the usage threshold after this step's
         restarts."""
-        probs = counts / counts.sum()
-        entropy = -torch.xlogy(probs, probs).sum()  # 0 log 0 = 0, without boolean indexing
+        usage, perplexity = usage_and_perplexity(counts)
         # One device-to-host transfer for all three (each float() would be a sync on an accelerator).
-        values = torch.stack([(counts > 0).float().mean(), entropy.exp(),
+        values = torch.stack([usage, perplexity,
                               (self.usage < max(self.dead_threshold, 1e-3)).float().sum()]).tolist()
         return dict(zip(("usage_batch", "perplexity_batch", "dead_codes"), values))

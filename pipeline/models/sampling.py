@@ -27,6 +27,18 @@ def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor | None,
     return unconditional + scale * (conditional - unconditional)
 
 
+def conditioning_rows(labels: torch.Tensor | None, scale: float, label_dropout: float, null_class: int,
+                      device) -> tuple[torch.Tensor | None, bool]:
+    """The class rows a sampling batch feeds, and whether it is guided: the labels; or, guided (labels and a
+    scale other than 1), one batch of the conditional rows then the same rows with the null class."""
+    guided = labels is not None and scale != 1.0
+    if guided and label_dropout <= 0:
+        raise ValueError("classifier-free guidance needs a model trained with transformer.label_dropout > 0")
+    if guided:
+        return torch.cat([labels, torch.full_like(labels, null_class)]).to(device), True
+    return (labels.to(device) if labels is not None else None), False
+
+
 def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
     logits = logits.float() / max(settings.temperature, 1e-6)
@@ -48,14 +60,8 @@ def sample_tokens(model: VIMTransformer, labels: torch.Tensor | None, settings: 
     """Token grids (B, L) for the given labels (or `batch` unconditional samples)."""
     device = model.head.weight.device
     count = len(labels) if labels is not None else batch
-    guided = labels is not None and settings.guidance_scale != 1.0
-    if guided and model.settings.label_dropout <= 0:
-        raise ValueError("classifier-free guidance needs a model trained with transformer.label_dropout > 0")
-    if guided:  # one batch: conditional rows, then the same rows with the null class
-        null = torch.full_like(labels, model.settings.null_class)
-        labels_in = torch.cat([labels, null]).to(device)
-    else:
-        labels_in = labels.to(device) if labels is not None else None
+    labels_in, guided = conditioning_rows(labels, settings.guidance_scale, model.settings.label_dropout,
+                                          model.settings.null_class, device)
     rows = len(labels_in) if labels_in is not None else count
     cache = model.new_cache(rows, device)
     logits = model.prefill(labels_in, cache)

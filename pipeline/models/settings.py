@@ -213,3 +213,88 @@ class TransformerSettings(TransformerArchitecture):
     def null_class(self) -> int:
         """Index of the null class (the start token of an unconditional model)."""
         return self.num_classes
+
+
+# ---- Residual quantization (issue #18): RQ-VAE tokenizer and RQ-Transformer ----------------------------------
+# Not wired into the config yet: RQSettings is meant to join TokenizerSettings' bases and RQTransformerOptions
+# TransformerConfig's (their fields are ADDED_LATER, so existing stages and models keep their hashes and files).
+
+RQ_SIZE_NAMES = Literal["pico", "nano", "micro", "480M", "821M", "1.4B", "3.8B"]  # keys of RQ_SIZES
+
+
+@dataclass(frozen=True)
+class RQSize:
+    dim: int
+    spatial_layers: int
+    depth_layers: int
+    heads: int
+    mlp_dim: int
+
+
+# Lee et al. (CVPR 2022), Table: 480M, 821M, 1.4B and 3.8B (MLP 4x the width); the small ones are for CPU runs.
+RQ_SIZES: dict[str, RQSize] = {
+    "pico": RQSize(64, 2, 1, 2, 256),
+    "nano": RQSize(128, 4, 2, 4, 512),
+    "micro": RQSize(256, 6, 2, 8, 1024),
+    "480M": RQSize(1536, 12, 4, 24, 6144),
+    "821M": RQSize(1536, 24, 4, 24, 6144),
+    "1.4B": RQSize(1536, 42, 6, 24, 6144),
+    "3.8B": RQSize(2560, 42, 6, 40, 10240),
+}
+
+
+class RQSettings(ModelSettings):
+    """The tokenizer's quantizer kind: the vector quantizer, or residual quantization
+    (pipeline/models/residual_quantize.py) with the quantizer's other settings (codebook_size, ema, ...)."""
+
+    quantizer: Literal["vq", "rq"] = Field(
+        "vq", description="vq: one code per position; rq: rq_depth codes per position, each coding the residual "
+        "left by the ones before", json_schema_extra=ADDED_LATER)
+    rq_depth: Int = Field(4, ge=1, description="rq: codes per position (the paper's D)",
+                          json_schema_extra=added_later_with("quantizer"))
+    rq_shared_codebook: bool = Field(True, description="rq: one codebook for every depth; false: one per depth",
+                                     json_schema_extra=added_later_with("quantizer"))
+
+
+class RQTransformerOptions(ModelSettings):
+    """The transformer section's choice of model, and the RQ-Transformer's training targets."""
+
+    kind: Literal["vim", "rq"] = Field(
+        "vim", description="vim: the VIM Transformer over one code per position; rq: the RQ-Transformer over code "
+        "stacks (needs tokenizer.quantizer=rq)", json_schema_extra=ADDED_LATER)
+    rq_size: RQ_SIZE_NAMES = Field("pico", description="rq: the RQ-Transformer's size",
+                                   json_schema_extra=added_later_with("kind"))
+    soft_label_temperature: Float = Field(
+        0.0, ge=0, description="rq: 0 trains on the codes with plain cross-entropy; > 0 on the paper's soft labels "
+        "softmax(-||residual - code||^2 / T) (the paper uses 0.5)", json_schema_extra=added_later_with("kind"))
+    stochastic_codes: bool = Field(
+        True, description="rq, soft labels: feed codes sampled from the soft labels (the paper's stochastic "
+        "sampling) instead of the nearest ones", json_schema_extra=added_later_with("kind"))
+
+
+class RQTransformerSettings(NobleSettings):
+    """The RQ-Transformer (pipeline/models/rq_transformer.py): its size and dropouts plus what the data decides."""
+
+    size: RQ_SIZE_NAMES = "pico"
+    dropout: Float = Field(0.1, ge=0, lt=1, description="residual, MLP and attention dropout")
+    label_dropout: Float = Field(0.0, ge=0, lt=1, description="null-class rate for classifier-free guidance")
+    vocab_size: Int = Field(512, ge=1, description="codes per codebook (the tokenizer's codebook_size)")
+    grid: tuple[Int, Int] = (8, 8)
+    code_depth: Int = Field(4, ge=1, description="codes per position (the tokenizer's rq_depth)")
+    shared_codebook: bool = Field(True, description="the tokenizer's rq_shared_codebook; false: an embedding "
+                                  "table per depth")
+    num_classes: Int = Field(10, ge=0, description="0: unconditional, a start token instead of a class token")
+
+    @property
+    def shape(self) -> RQSize:
+        return RQ_SIZES[self.size]
+
+    @property
+    def length(self) -> int:
+        """Positions (code stacks) per image."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def null_class(self) -> int:
+        """Index of the null class (the start token of an unconditional model)."""
+        return self.num_classes
