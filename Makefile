@@ -8,13 +8,14 @@ CONFIG ?= configs/demo.yaml
 # In-process clusters (make test, bench) run without auth; the local head of ray-up/demo/sweep-demo requires
 # Ray's token (~/.ray/auth_token, written by scripts/ray_head.sh), and every process talking to it uses token mode.
 export RAY_AUTH_MODE ?= disabled
-ray-up ray-down demo sweep-demo: export RAY_AUTH_MODE = token
+ray-up ray-down demo sweep-demo paper-tables: export RAY_AUTH_MODE = token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
 XLA_WHEELS ?= .xla-wheels
 
-.PHONY: setup demo sweep-demo test bench bench-peers ray-up ray-down clean tpu-env xla-check
+.PHONY: setup demo sweep-demo paper-tables paper-tables-input test bench bench-peers ray-up ray-down clean tpu-env \
+	xla-check
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,20 @@ sweep-demo: setup ray-up
 		--set ingest.max_images_per_split=5000 --set tokenizer.steps=100 --set tokenizer.adversarial_weight=0 \
 		--set tokenizer.warmup_steps=10 --set tokenizer.val_images=1024 \
 		--set tokenizer.checkpoint_every=50 --set tokenizer.image_every=50
+
+# The paper's Table 4 (lookup dims x l2 normalisation) and Table 1 (ViT vs CNN at equal training time) on CIFAR-10,
+# as Ray Tune sweeps sent to the local head like sweep-demo (the job outlives the terminal; submitting it again
+# resumes it). QUICK=1: the quick size. PAPER_ARGS: more options of jobs/paper_tables.py (e.g. --images DIR).
+# The archive is checked before the head starts; the job gets its absolute path (it runs from a copy of the tree).
+CIFAR_ARCHIVE ?= $(abspath $(CURDIR)/../shared/data/cifar10-jpeg.tar.gz)
+PAPER_DIR ?= $(CURDIR)/runs/paper-tables$(if $(QUICK),-quick)
+paper-tables: paper-tables-input setup ray-up
+	bash scripts/submit.sh python jobs/paper_tables.py --out $(PAPER_DIR) $(if $(QUICK),--quick) \
+		$(if $(findstring --images,$(PAPER_ARGS)),,--archive $(CIFAR_ARCHIVE)) $(PAPER_ARGS)
+
+paper-tables-input:
+	@case "$(PAPER_ARGS)" in *--images*) ;; *) test -f "$(CIFAR_ARCHIVE)" || { echo "error: CIFAR-10 archive not \
+	found: $(CIFAR_ARCHIVE); set CIFAR_ARCHIVE=PATH or PAPER_ARGS='--images DIR'" >&2; exit 2; } ;; esac
 
 # tests/test_xla.py runs the TPU code path on XLA CPU devices in $(TPU_VENV), built here when missing.
 test: setup tpu-env

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -35,6 +35,19 @@ from orchestration.trial_progress import StageMetricWatcher, interim_metric, rel
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("fifo", "asha")
+
+
+class TrialFollowUp(Protocol):
+    """Work each trial does after its pipeline, in the trial's own process (a reconstruction-only evaluation of
+    the trained tokenizer, say). Its figures join the trial's result and the comparison as `<name>.<figure>`;
+    it holds at most what the stage section `section` sizes (an actor pool plus a task), counted in the
+    trial's resources like a stage."""
+
+    name: str
+    section: str
+    columns: tuple[str, ...]  # its figures the comparison table shows, without the prefix
+
+    def __call__(self, trial_dir: Path, cfg: PipelineConfig) -> dict[str, float]: ...
 
 
 @dataclass
@@ -51,6 +64,10 @@ class SweepSpec:
     grace_period: int | None = None                   # ASHA: steps before a first cut (default: a quarter)
     reduction_factor: float = 2.0                     # ASHA: keep the best 1/rf of trials at each rung
     poll_seconds: float = 5.0                         # ASHA: how often a trial reads its metric from MLflow
+    # More overrides for the trials whose swept key holds a value: key -> str(value) -> ["section.key=value"],
+    # for settings that must move with a swept one (each architecture's own steps at equal training time).
+    value_overrides: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    follow_up: TrialFollowUp | None = None            # run by each trial after its pipeline
 
     @property
     def first_stage(self) -> str:
@@ -133,8 +150,9 @@ def asha_max_steps(spec: SweepSpec, points: list[dict[str, Any]]) -> int:
 
 
 def trial_config(values: dict[str, Any], spec: SweepSpec) -> PipelineConfig:
+    linked = [text for key, value in values.items() for text in spec.value_overrides.get(key, {}).get(str(value), [])]
     # JSON is YAML: overrides read back exactly these values.
-    return build_config(spec.base, spec.extra_overrides + [f"{k}={json.dumps(v)}" for k, v in values.items()])
+    return build_config(spec.base, spec.extra_overrides + linked + [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
 def trial_name(values: dict[str, Any]) -> str:
@@ -179,15 +197,24 @@ def _trainable(config: dict[str, Any]) -> None:
         return run_pipeline(cfg, str(trial_dir), to_stage=spec.last_stage, sweep_run_id=config["__sweep_run_id"])
 
     if spec.scheduler != "asha":
-        tune.report({**_stage_metrics(pipeline()), "trial_dir": str(trial_dir), "completed": True})
+        figures = {**_stage_metrics(pipeline()), **_follow_up_figures(spec, trial_dir, cfg)}
+        tune.report({**figures, "trial_dir": str(trial_dir), "completed": True})
         return
     stage, logged_name = interim_metric(spec.metric)
     outcomes = run_while_watching(
         pipeline, StageMetricWatcher(trial_dir, stage, logged_name), spec.poll_seconds,
         lambda step, value: tune.report({spec.metric: value, "step": step, "trial_dir": str(trial_dir)}))
-    figures = _stage_metrics(outcomes)
+    figures = {**_stage_metrics(outcomes), **_follow_up_figures(spec, trial_dir, cfg)}
     tune.report({**figures, "step": int(figures.get(f"{stage}.steps", 0)), "trial_dir": str(trial_dir),
                  "completed": True})
+
+
+def _follow_up_figures(spec: SweepSpec, trial_dir: Path, cfg: PipelineConfig) -> dict[str, float]:
+    if spec.follow_up is None:
+        return {}
+    figures = spec.follow_up(trial_dir, cfg)
+    return {f"{spec.follow_up.name}.{key}": float(value) for key, value in figures.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _search_space(spec: SweepSpec) -> dict[str, Any]:
@@ -232,15 +259,19 @@ def _stage_formula(name: str, section) -> str:
     return f"{name}: {getattr(section, 'cpus_per_task', 1.0):g} CPU per task"
 
 
-def trial_resources(configs: list[PipelineConfig], first_stage: str,
-                    last_stage: str) -> tuple[dict[str, float], list[str]]:
+def trial_resources(configs: list[PipelineConfig], first_stage: str, last_stage: str,
+                    follow_up: TrialFollowUp | None = None) -> tuple[dict[str, float], list[str]]:
     """What one trial holds at its busiest, over every trial's config: per resource, the most any of its stages
-    holds (they run one after another), plus the trial's own token CPU. Also each stage's arithmetic."""
+    (or its follow-up, sized by its section) holds (they run one after another), plus the trial's own token CPU.
+    Also each stage's arithmetic."""
     need: dict[str, float] = {}
     formulas: dict[str, tuple[float, str]] = {}
+    parts = [(name, name) for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]]
+    if follow_up is not None:
+        parts.append((follow_up.name, follow_up.section))
     for cfg in configs:
-        for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]:
-            section = getattr(cfg, name)
+        for name, section_name in parts:
+            section = getattr(cfg, section_name)
             stage = stage_resources(section)
             for key, value in stage.items():
                 need[key] = max(need.get(key, 0.0), value)
@@ -313,7 +344,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
 
     # Every trial must fit the cluster with all of its stages, before any work (shared stages included).
     need, formulas = trial_resources([trial_config(point, spec) for point in _resource_points(spec, points)],
-                                     spec.first_stage, spec.last_stage)
+                                     spec.first_stage, spec.last_stage, spec.follow_up)
     concurrency = plan_concurrency(need, formulas, *cluster_capacity(), spec.max_concurrent)
 
     # Shared upstream stages, once.
@@ -406,11 +437,12 @@ def _sweep_run(root: Path, tracking_uri: str, spec: SweepSpec) -> tracking.Track
 
 def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
     rows = []
+    prefixes = set(STAGE_NAMES) | ({spec.follow_up.name} if spec.follow_up is not None else set())
     for result in results:
         if result.metrics is None or result.error:
             continue
         row = {key: result.config[key] for key in spec.space}
-        row.update({k: v for k, v in result.metrics.items() if "." in k and k.split(".")[0] in STAGE_NAMES})
+        row.update({k: v for k, v in result.metrics.items() if "." in k and k.split(".")[0] in prefixes})
         row["status"] = "completed" if result.metrics.get("completed") else f"stopped at step {result.metrics.get('step')}"
         row["trial_dir"] = result.metrics.get("trial_dir")
         rows.append(row)
@@ -420,6 +452,8 @@ def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
 
 def _figure_columns(rows: list[dict[str, Any]], spec: SweepSpec) -> list[str]:
     preferred = [spec.metric] if spec.metric else []
+    if spec.follow_up is not None:
+        preferred += [f"{spec.follow_up.name}.{column}" for column in spec.follow_up.columns]
     preferred += ["tokenizer.val_usage_per_256", "tokenizer.val_psnr", "evaluate.rfid_domain",
                   "evaluate.rfid_inception", "evaluate.fid_domain", "evaluate.probe_top1_best",
                   "transformer.val_bits_per_token"]
