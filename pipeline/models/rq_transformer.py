@@ -26,7 +26,7 @@ from pipeline.models.io import load_model, save_model
 from pipeline.models.noble import Noble
 from pipeline.models.sampling import SamplingSettings, conditioning_rows, filter_logits, guided_logits
 from pipeline.models.settings import RQTransformerSettings, VimSize
-from pipeline.models.transformer import Block, KVCache
+from pipeline.models.transformer import Block, KVCache, VIMTransformer
 
 
 @dataclass
@@ -62,21 +62,10 @@ class RQTransformer(nn.Module):
         for parameter in (self.position, self.class_position, self.depth_position):
             nn.init.normal_(parameter, std=0.02)
 
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    _init = staticmethod(VIMTransformer._init)  # the VIM Transformer's initialisation of linears and embeddings
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training-time label dropout: each label becomes the null class with p = label_dropout."""
-        rate = self.settings.label_dropout
-        if rate <= 0:
-            return labels
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < rate
-        return torch.where(drop, torch.full_like(labels, self.settings.null_class), labels)
+    drop_labels = VIMTransformer.drop_labels  # label dropout to the null class, as the VIM Transformer trains
 
     def embed_codes(self, codes: torch.Tensor, first_depth: int = 0) -> torch.Tensor:
         """Codes (..., d) at depths first_depth.. -> their embeddings (..., d, dim)."""

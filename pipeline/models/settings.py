@@ -194,25 +194,31 @@ class TransformerArchitecture(NobleSettings):
     label_dropout: Float = Field(0.0, ge=0, lt=1, description="null-class rate for classifier-free guidance")
 
 
-class TransformerSettings(TransformerArchitecture):
-    """The architecture plus what the data decides: vocabulary, token grid and classes."""
+class CodeGrid(ModelSettings):
+    """What the data decides for a model over an image's code grid, class first: the grid and the classes."""
 
-    vocab_size: Int = Field(512, ge=1, description="the tokenizer's codebook size")
     grid: tuple[Int, Int] = (8, 8)
     num_classes: Int = Field(10, ge=0, description="0: unconditional, a start token instead of a class token")
 
     @property
-    def shape(self) -> VimSize:
-        return VIM_SIZES[self.size]
-
-    @property
     def length(self) -> int:
+        """Positions per image."""
         return self.grid[0] * self.grid[1]
 
     @property
     def null_class(self) -> int:
         """Index of the null class (the start token of an unconditional model)."""
         return self.num_classes
+
+
+class TransformerSettings(TransformerArchitecture, CodeGrid):
+    """The architecture plus what the data decides: vocabulary, token grid and classes."""
+
+    vocab_size: Int = Field(512, ge=1, description="the tokenizer's codebook size")
+
+    @property
+    def shape(self) -> VimSize:
+        return VIM_SIZES[self.size]
 
 
 # ---- Residual quantization (issue #18): RQ-VAE tokenizer and RQ-Transformer ----------------------------------
@@ -272,29 +278,17 @@ class RQTransformerOptions(ModelSettings):
         "sampling) instead of the nearest ones", json_schema_extra=added_later_with("kind"))
 
 
-class RQTransformerSettings(NobleSettings):
+class RQTransformerSettings(NobleSettings, CodeGrid):
     """The RQ-Transformer (pipeline/models/rq_transformer.py): its size and dropouts plus what the data decides."""
 
     size: RQ_SIZE_NAMES = "pico"
     dropout: Float = Field(0.1, ge=0, lt=1, description="residual, MLP and attention dropout")
     label_dropout: Float = Field(0.0, ge=0, lt=1, description="null-class rate for classifier-free guidance")
     vocab_size: Int = Field(512, ge=1, description="codes per codebook (the tokenizer's codebook_size)")
-    grid: tuple[Int, Int] = (8, 8)
     code_depth: Int = Field(4, ge=1, description="codes per position (the tokenizer's rq_depth)")
     shared_codebook: bool = Field(True, description="the tokenizer's rq_shared_codebook; false: an embedding "
                                   "table per depth")
-    num_classes: Int = Field(10, ge=0, description="0: unconditional, a start token instead of a class token")
 
     @property
     def shape(self) -> RQSize:
         return RQ_SIZES[self.size]
-
-    @property
-    def length(self) -> int:
-        """Positions (code stacks) per image."""
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def null_class(self) -> int:
-        """Index of the null class (the start token of an unconditional model)."""
-        return self.num_classes
