@@ -126,7 +126,7 @@ def train_tokenizer(tcfg, train: torch.Tensor, val: torch.Tensor, seed: int, ste
         seconds += time.perf_counter() - started
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             batches = (val[i:i + 256] for i in range(0, len(val), 256))
-            metrics = evaluate_reconstruction(model, batches, tcfg.codebook_size, len(val), BACKEND)
+            metrics = evaluate_reconstruction(model, batches, len(val), BACKEND)
             curve.append({"step": step + 1, "seconds": round(seconds, 3), "val_l2": round(metrics["val_l2"], 6),
                           "val_psnr": round(metrics["val_psnr"], 4)})
     return {"seed": seed, "parameters": sum(p.numel() for p in model.parameters()),

@@ -100,7 +100,7 @@ def quality(overrides: dict, steps: int, backend, train: torch.Tensor, test: tor
             d_optimizer.step()
     seconds = time.perf_counter() - started
     batches = (test[i:i + 256] for i in range(0, len(test), 256))
-    metrics = evaluate_reconstruction(objective.model, batches, cfg.codebook_size, len(test), backend)
+    metrics = evaluate_reconstruction(objective.model, batches, len(test), backend)
     return {**{k: round(v, 4) for k, v in metrics.items()}, "steps": steps, "train_seconds": round(seconds, 1),
             **{k: overrides[k] for k in sorted(overrides)}}
 

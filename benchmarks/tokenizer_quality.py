@@ -75,7 +75,7 @@ def train_variant(tcfg, train: torch.Tensor, val: torch.Tensor, channels: int, c
             d_steps += 1
     seconds = time.perf_counter() - started
     batches = (val[i:i + 256] for i in range(0, len(val), 256))
-    metrics = evaluate_reconstruction(model, batches, tcfg.codebook_size, len(val), BACKEND)
+    metrics = evaluate_reconstruction(model, batches, len(val), BACKEND)
     metrics["rfid_domain"] = domain_rfid(classifier, val, model.eval())
     keep = ("rfid_domain", "val_psnr", "val_ssim", "val_l2", "val_dead_codes", "val_usage_per_256", "val_perplexity")
     return {"train_seconds": round(seconds, 1), "images_per_second": round(tcfg.steps * batch / seconds, 1),

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.models.settings import (ADDED_LATER, Float, Int, TokenizerSettings, TransformerArchitecture,
-                                      TransformerSettings, later_fields_at_default)
+from pipeline.models.settings import (ADDED_LATER, Float, Int, RQTransformerOptions, RQTransformerSettings,
+                                      TokenizerSettings, TransformerArchitecture, TransformerSettings,
+                                      later_fields_at_default)
 
 
 log = logging.getLogger("vim.config")
@@ -225,8 +226,9 @@ class PretokenizeConfig(Section):
         return value
 
 
-class TransformerConfig(Section, TransformerArchitecture):
-    # model: size, dropout and label_dropout of TransformerArchitecture (pipeline/models/settings.py), inherited
+class TransformerConfig(Section, TransformerArchitecture, RQTransformerOptions):
+    # model: size, dropout and label_dropout of TransformerArchitecture (pipeline/models/settings.py), inherited;
+    # kind (vim | rq) and the RQ-Transformer's rq_size and training targets from RQTransformerOptions
     conditional: bool = Field(True, description="class-token prefix; false: one start token")
     # optimisation (paper: beta 0.9/0.96, 4.5e-4 after 5k warm-up, held, exp decay to 1e-5 from 80k of 450k)
     steps: Int = Field(2000, ge=1)
@@ -250,13 +252,18 @@ class TransformerConfig(Section, TransformerArchitecture):
     eval_every: Int = runtime_only(500, "steps between val losses", ge=1)
     resources: TrainerResources = TrainerResources()
 
-    def model_settings(self, vocab_size: int, grid: tuple[int, int] | list[int],
-                       num_classes: int) -> TransformerSettings:
+    def model_settings(self, vocab_size: int, grid: tuple[int, int] | list[int], num_classes: int,
+                       code_depth: int = 1, shared_codebook: bool = True) -> TransformerSettings | RQTransformerSettings:
         """The model's settings: this section's architecture fields plus what the data decides. `num_classes`
-        is the data's class count; an unconditional model (conditional=false) gets 0."""
+        is the data's class count; an unconditional model (conditional=false) gets 0. kind=rq: the
+        RQ-Transformer's, over stacks of `code_depth` codes from one shared codebook or one per depth."""
+        data = {"vocab_size": vocab_size, "grid": tuple(grid), "num_classes": num_classes if self.conditional else 0}
+        if self.kind == "rq":
+            common = self.model_dump(include=set(TransformerArchitecture.model_fields) - {"size"})
+            return RQTransformerSettings.model_validate({**common, **data, "size": self.rq_size,
+                                                         "code_depth": code_depth, "shared_codebook": shared_codebook})
         return TransformerSettings.model_validate({
-            **self.model_dump(include=set(TransformerArchitecture.model_fields)),
-            "vocab_size": vocab_size, "grid": tuple(grid), "num_classes": num_classes if self.conditional else 0})
+            **self.model_dump(include=set(TransformerArchitecture.model_fields)), **data})
 
     @model_validator(mode="after")
     def _consistent(self) -> "TransformerConfig":
@@ -266,6 +273,11 @@ class TransformerConfig(Section, TransformerArchitecture):
                              f"transformer.resources.tpu_chips_per_host {chips}: each host splits it over its chips")
         if self.label_dropout > 0 and not self.conditional:
             raise ValueError("transformer.label_dropout needs a conditional model (transformer.conditional=true)")
+        if self.kind == "rq" and (self.parallelism != "ddp" or self.resources.tpu_hosts
+                                  or self.resources.device == "xla"):
+            raise ValueError("transformer.kind=rq trains with DDP on CPU or GPU workers: set transformer.parallelism="
+                             "ddp and leave transformer.resources on cpu/cuda (FSDP and TPU hosts run the VIM "
+                             "Transformer only)")
         return self
 
 
@@ -275,9 +287,10 @@ PROBE_MIN_TRAIN_IMAGES = 10  # the smallest probe worth fitting: one image per c
 class EvaluateConfig(Section):
     # sampling (paper protocol: temperature 1, no top-k / top-p, optional rejection at acceptance 0.5)
     samples_per_class: Int = Field(50, ge=1, description="class-balanced samples (50 per ImageNet class)")
-    temperature: Float = Field(1.0, gt=0)
-    top_k: Int = Field(0, ge=0, description="0: off")
-    top_p: Float = Field(1.0, gt=0, le=1, description="1: off")
+    temperature: Float | tuple[Float, ...] = Field(
+        1.0, description="> 0; or one per depth for an RQ-Transformer (transformer.kind=rq)")
+    top_k: Int | tuple[Int, ...] = Field(0, description="0: off; or one per depth (kind=rq)")
+    top_p: Float | tuple[Float, ...] = Field(1.0, description="in (0, 1], 1: off; or one per depth (kind=rq)")
     guidance_scale: Float = Field(1.0, ge=0, description="classifier-free guidance; needs label_dropout > 0")
     rejection_acceptance: Float | None = Field(
         None, gt=0, le=1, description="keep this fraction of candidates, ranked by the rejection network")
@@ -307,6 +320,19 @@ class EvaluateConfig(Section):
     cpus_per_actor: Float = runtime_only(1.0, gt=0)
     gpus_per_actor: Float = runtime_only(0.0, ge=0)
     cpus_per_task: Float = runtime_only(0.5, "reads and light transforms beside the actor pool", gt=0)
+
+    @field_validator("temperature", "top_k", "top_p")
+    @classmethod
+    def _sampling_ranges(cls, value, info):
+        low, high, low_open = {"temperature": (0, None, True), "top_k": (0, None, False),
+                               "top_p": (0, 1, True)}[info.field_name]
+        for item in value if isinstance(value, tuple) else (value,):
+            if (item <= low if low_open else item < low) or (high is not None and item > high):
+                bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+                raise ValueError(f"{item} is out of range: each value must be {bounds}")
+        if isinstance(value, tuple) and not value:
+            raise ValueError("a per-depth list needs one value per depth, not none")
+        return value
 
     @field_validator("probe_train_images")
     @classmethod
@@ -350,6 +376,22 @@ class PipelineConfig(Section):
         if self.evaluate.guidance_scale != 1.0 and self.transformer.label_dropout <= 0:
             raise ValueError("evaluate.guidance_scale != 1 needs a transformer trained with "
                              "transformer.label_dropout > 0 (classifier-free guidance)")
+        return self
+
+    @model_validator(mode="after")
+    def _residual_quantization_agrees(self) -> "PipelineConfig":
+        tokenizer, transformer = self.tokenizer, self.transformer
+        if transformer.kind == "rq" and tokenizer.quantizer != "rq":
+            raise ValueError("transformer.kind=rq models code stacks: it needs tokenizer.quantizer=rq")
+        if tokenizer.quantizer == "rq" and transformer.kind != "rq":
+            raise ValueError("tokenizer.quantizer=rq writes a stack of tokenizer.rq_depth codes per position, which "
+                             "the VIM Transformer does not read: set transformer.kind=rq")
+        for key in ("temperature", "top_k", "top_p"):
+            value = getattr(self.evaluate, key)
+            if isinstance(value, tuple) and (transformer.kind != "rq" or len(value) != tokenizer.rq_depth):
+                raise ValueError(f"evaluate.{key} {list(value)}: a list gives one value per depth of an "
+                                 f"RQ-Transformer (transformer.kind=rq), {tokenizer.rq_depth} of them "
+                                 f"(tokenizer.rq_depth); or give one value")
         return self
 
     @model_validator(mode="after")

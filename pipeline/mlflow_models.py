@@ -1,8 +1,8 @@
-"""Trained models as MLflow models: each tokenizer and VIM Transformer a pyfunc (encode/decode, or sample)
+"""Trained models as MLflow models: each tokenizer and Transformer (VIM or RQ) a pyfunc (encode/decode, or sample)
 logged on its stage run beside its safetensors folder, and registered under a name per experiment.
 
     model = mlflow.pyfunc.load_model("models:/vim-demo-tokenizer/latest")
-    codes = model.predict(images_uint8)                       # (N, h, w) codes, as pretokenize writes them
+    codes = model.predict(images_uint8)                       # (N, h, w) codes ((N, h, w, D) under RQ)
     images = model.predict(codes, params={"mode": "decode"})  # uint8 (N, H, W, 3)
 
 The pyfunc carries this package (`code_paths`), so it loads where the project is not installed.
@@ -25,7 +25,8 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
     """predict(images) -> codes; predict(codes, params={"mode": "decode"}) -> images.
 
     Images: uint8 (N, H, W) or (N, H, W, C), any size: centred and resized to the tokenizer's input exactly
-    as pretokenize's plain view is, so the codes equal the stage's. Codes: (N, h, w) or (N, h*w)."""
+    as pretokenize's plain view is, so the codes equal the stage's. Codes: (N, h, w) or (N, h*w); under
+    residual quantization (N, h, w, D) or (N, h*w*D)."""
 
     def load_context(self, context) -> None:
         from pipeline.models.tokenizer import load_tokenizer
@@ -42,20 +43,22 @@ class TokenizerModel(mlflow.pyfunc.PythonModel):
 
 
 class TransformerModel(mlflow.pyfunc.PythonModel):
-    """predict(labels) -> sampled codes (N, h, w), or images with params={"output": "images"} (the run's
-    tokenizer travels with the model). Params: temperature, top_k, top_p, guidance_scale, seed."""
+    """predict(labels) -> sampled codes (N, h, w) ((N, h, w, D) from an RQ-Transformer), or images with
+    params={"output": "images"} (the run's tokenizer travels with the model). Params: temperature, top_k, top_p,
+    guidance_scale, seed."""
 
     def load_context(self, context) -> None:
+        from pipeline.models.code_models import load_code_model
         from pipeline.models.tokenizer import load_tokenizer
-        from pipeline.models.transformer import load_transformer
 
-        self.transformer = load_transformer(context.artifacts["transformer"])
+        self.transformer = load_code_model(context.artifacts["transformer"])
         self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         import torch
 
-        from pipeline.models.sampling import SamplingSettings, sample_tokens
+        from pipeline.models.code_models import sample_codes
+        from pipeline.models.sampling import SamplingSettings
 
         params = dict(params or {})
         labels = torch.as_tensor(np.asarray(model_input).reshape(-1), dtype=torch.long)
@@ -63,8 +66,8 @@ class TransformerModel(mlflow.pyfunc.PythonModel):
                                     top_k=int(params.get("top_k", 0)), top_p=float(params.get("top_p", 1.0)),
                                     guidance_scale=float(params.get("guidance_scale", 1.0)))
         generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
-        grid = self.transformer.settings.grid
-        codes = sample_tokens(self.transformer, labels, settings, generator).view(len(labels), *grid)
+        codes = sample_codes(self.transformer, labels, settings, generator)
+        codes = codes.view(len(labels), *self.tokenizer.settings.code_shape)
         if params.get("output", "codes") == "images":
             return decode_codes(self.tokenizer, codes.numpy())
         return codes.numpy()
@@ -86,8 +89,7 @@ def encode_images(model, images: np.ndarray) -> np.ndarray:
 def decode_codes(model, codes: np.ndarray) -> np.ndarray:
     import torch
 
-    grid = model.settings.grid
-    codes = torch.as_tensor(np.asarray(codes, np.int64)).reshape(-1, grid, grid)
+    codes = torch.as_tensor(np.asarray(codes, np.int64)).reshape(-1, *model.settings.code_shape)
     with torch.inference_mode():
         images = model.decode(codes)
     return images.mul(255).round().byte().permute(0, 2, 3, 1).numpy()

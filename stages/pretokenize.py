@@ -28,6 +28,7 @@ from pipeline.data.views import VIEW_IDS, view_rows
 from pipeline.device import exact_fp32, inference_device
 from pipeline.metrics.codebook import CodebookUsage
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
+from pipeline.models.settings import TokenizerSettings
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.stage import Progress, StageContext, StageInputError, StageResult
 from pipeline.output_records import check_recorded
@@ -82,8 +83,13 @@ def check_inputs(cfg: PipelineConfig, ctx: StageContext) -> tuple[dict, str]:
                                    f"e.g. {shards}/{missing[0]}; rerun ingest (--from ingest --force ingest)")
     settings = json.loads(ctx.run_dir.read_bytes(tokenizer_folder, SETTINGS_FILE))
     tcfg = cfg.tokenizer
-    expected = {"image_size": tcfg.image_size, "patch_size": tcfg.patch_size, "codebook_size": tcfg.codebook_size}
-    wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
+    expected = {"image_size": tcfg.image_size, "patch_size": tcfg.patch_size, "codebook_size": tcfg.codebook_size,
+                "quantizer": tcfg.quantizer, "rq_depth": tcfg.rq_depth}
+    if tcfg.quantizer != "rq":
+        expected.pop("rq_depth")
+    # fields added later are absent from the files of models that keep their default
+    stored = {k: settings.get(k, TokenizerSettings.model_fields[k].default) for k in expected}
+    wrong = {k: (stored[k], v) for k, v in expected.items() if stored[k] != v}
     if wrong:
         details = ", ".join(f"{k}: file {a} vs config {b}" for k, (a, b) in wrong.items())
         raise PretokenizeError(f"{tokenizer_folder}/{SETTINGS_FILE} does not match the tokenizer config ({details})")
@@ -184,9 +190,11 @@ class PieceWriter:
 
 
 def _check_piece(run_dir: RunDir, staging: str, meta: CodesMeta, views: int) -> dict:
-    """Rows, keys and a code histogram of a staged piece; raises on anything the contract forbids."""
+    """Rows, keys and a code histogram of a staged piece (per depth, depth-major: depth x codebook_size counts);
+    raises on anything the contract forbids."""
     files = [name for name in run_dir.list(staging) if name.endswith(".parquet")]
-    histogram = np.zeros(meta.codebook_size, np.int64)
+    histogram = np.zeros(meta.depth * meta.codebook_size, np.int64)
+    depth_offsets = np.arange(meta.depth, dtype=np.int64) * meta.codebook_size
     seen: set[tuple[str, int]] = set()
     keys: set[str] = set()
     rows = 0
@@ -199,8 +207,9 @@ def _check_piece(run_dir: RunDir, staging: str, meta: CodesMeta, views: int) -> 
             raise PretokenizeError(f"{staging}/{name}: duplicate (key, view) rows")
         seen |= pairs
         keys.update(k for k, _ in pairs)
-        codes = codes_matrix(table)
-        histogram += np.bincount(codes.ravel().astype(np.int64), minlength=meta.codebook_size)
+        codes = codes_matrix(table, meta)
+        by_depth = codes.reshape(len(codes), -1, meta.depth).astype(np.int64) + depth_offsets
+        histogram += np.bincount(by_depth.ravel(), minlength=len(histogram))
         rows += table.num_rows
     if rows != len(keys) * views:
         raise PretokenizeError(f"{staging}: {rows} rows for {len(keys)} images x {views} views")
@@ -295,6 +304,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     settings, tokenizer_hash = check_inputs(cfg, ctx)
     check_resources(pcfg)
     grid = settings["image_size"] // settings["patch_size"]
+    depth = settings["rq_depth"] if settings.get("quantizer") == "rq" else 1  # codes per position
+    shared = settings.get("rq_shared_codebook", True)
     shard_size = int(ingest.config.get("shard_size", 1000))
 
     marker = {"fingerprint": ctx.fingerprint, "piece_images": pcfg.piece_images, "tokenizer": tokenizer_hash}
@@ -303,7 +314,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         run_dir.write_json(marker, folder, PROGRESS, "marker.json")
     run_dir.delete(folder, STAGING)
 
-    metas = {split: CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"],
+    metas = {split: CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"], depth=depth,
                                tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split)
              for split in ingest.outputs["shards"]}
     pieces = {split: [Piece(split, number, files) for number, files in
@@ -327,7 +338,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     for split, split_pieces in pieces.items():
         meta, expected = metas[split], ingest.counts[split]["images"]
-        usage = CodebookUsage(meta.codebook_size)
+        histogram = np.zeros(meta.depth * meta.codebook_size, np.int64)
         split_files: list[str] = []
         rows = images = 0
         for piece in split_pieces:
@@ -335,16 +346,25 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
             split_files += [f"{split}/{name}" for name in done["files"]]
             rows += done["rows"]
             images += done["images"]
-            usage.histogram += np.asarray(done["histogram"], np.int64)
+            histogram += np.asarray(done["histogram"], np.int64)
         if images != expected:
             raise PretokenizeError(f"{split}: encoded {images} images but the ingest manifest has {expected}")
+        by_depth = histogram.reshape(meta.depth, meta.codebook_size)
+        usage = CodebookUsage(meta.codebook_size * (1 if shared else meta.depth))
+        usage.histogram += by_depth.sum(0) if shared else histogram  # a shared book: each code over all depths
         stats = usage.result()
         outputs[split] = split_files
         counts[split] = {"rows": rows, "images": images, "files": len(split_files)}
         metrics.update({f"{split}_rows": float(rows), f"{split}_images": float(images),
                         f"{split}_usage_split": stats["usage_split"], f"{split}_perplexity": stats["perplexity"],
                         f"{split}_dead_codes": stats["dead_codes"]})
-        ctx.tracker.log_dict({"codebook_size": meta.codebook_size, "histogram": usage.histogram.tolist()},
+        for level in range(meta.depth if meta.depth > 1 else 0):
+            at_level = CodebookUsage(meta.codebook_size)
+            at_level.histogram += by_depth[level]
+            metrics.update({f"{split}_{name}_depth{level}": value for name, value in at_level.result().items()
+                            if name in ("usage_split", "perplexity")})
+        ctx.tracker.log_dict({"codebook_size": meta.codebook_size, "depth": meta.depth,
+                              "histogram": by_depth.tolist() if meta.depth > 1 else histogram.tolist()},
                              f"code_histogram_{split}.json")
     run_dir.delete(folder, PROGRESS)
     run_dir.delete(folder, STAGING)
@@ -352,8 +372,9 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     metrics["encode_seconds"] = encode_seconds
     log.info("pretokenize: %s; %.1f images/s", counts, metrics["images_per_second"])
     return StageResult(
-        outputs={"codes": outputs, "grid": [grid, grid], "depth": 1, "codebook_size": settings["codebook_size"],
-                 "length": grid * grid, "views": {v: VIEW_IDS[v] for v in pcfg.views},
+        outputs={"codes": outputs, "grid": [grid, grid], "depth": depth, "codebook_size": settings["codebook_size"],
+                 "shared_codebook": shared, "length": grid * grid * depth,  # length: codes per image
+                 "views": {v: VIEW_IDS[v] for v in pcfg.views},
                  "tokenizer_sha256": tokenizer_hash, "image_size": settings["image_size"],
                  "channels": settings.get("channels", 3)},
         counts=counts, metrics=metrics,

@@ -12,7 +12,7 @@ import torch
 from pipeline import device as devices
 from pipeline.config import PipelineConfig, TokenizerConfig
 from pipeline.data.transforms import center, random_crop_flip, to_float
-from pipeline.metrics.codebook import CodebookUsage
+from pipeline.metrics.codebook import CodeStackUsage
 from pipeline.metrics.image_quality import psnr, ssim
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
 from pipeline.models.losses import find_vgg16_weights, logit_laplace_nll
@@ -106,7 +106,7 @@ def tokenizer_loop(loop_config: dict) -> dict[str, float] | None:
 
     if run.rank != 0:
         return None
-    final = evaluate_reconstruction(objective.model, _val_batches(cfg), cfg.codebook_size, cfg.val_images, backend)
+    final = evaluate_reconstruction(objective.model, _val_batches(cfg), cfg.val_images, backend)
     final.update(train_seconds=run.seconds, steps=float(run.step))
     run.tracker.log_metrics(final, step=run.step)
     return final
@@ -122,10 +122,12 @@ def _val_batches(cfg: TokenizerConfig):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, batches, codebook_size: int, limit: int, backend) -> dict[str, float]:
-    """Val metrics: PSNR, SSIM, L2, logit-Laplace NLL, codebook usage (paper's per-256 and whole split)."""
+def evaluate_reconstruction(model, batches, limit: int, backend) -> dict[str, float]:
+    """Val metrics: PSNR, SSIM, L2, logit-Laplace NLL, codebook usage (paper's per-256 and whole split; per
+    depth too under residual quantization)."""
     model.eval()
-    usage = CodebookUsage(codebook_size)
+    settings = model.settings
+    usage = CodeStackUsage(settings.codebook_size, settings.code_depth, settings.rq_shared_codebook)
     sums = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0, "logit_laplace": 0.0}
     seen = 0
     for images in batches:
@@ -182,11 +184,13 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
                              datasets, lambda weights, folder: save_weights(weights, settings, folder))
     images = tcfg.steps * tcfg.batch_size * tcfg.resources.num_workers
     final["train_images_per_second_overall"] = images / max(final["train_seconds"], 1e-9)
-    ctx.log.info("tokenizer: val PSNR %.2f dB, usage/256 %.3f, perplexity %.1f", final["val_psnr"],
-                 final["val_usage_per_256"], final["val_perplexity"])
+    ctx.log.info("tokenizer: val PSNR %.2f dB, usage/256 %.3f, perplexity %.1f%s", final["val_psnr"],
+                 final["val_usage_per_256"], final["val_perplexity"],
+                 "".join(f"; depth {d} usage/256 {final[f'val_usage_per_256_depth{d}']:.3f}"
+                         for d in range(settings.code_depth if settings.code_depth > 1 else 0)))
     return StageResult(
         outputs={"model": WEIGHTS_FILE, "config": SETTINGS_FILE, "grid": [settings.grid, settings.grid],
-                 "codebook_size": tcfg.codebook_size, "channels": settings.channels},
+                 "codebook_size": tcfg.codebook_size, "channels": settings.channels, "depth": settings.code_depth},
         counts={"steps": int(final["steps"]), "train_images_seen": images},
         metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
         details={"perceptual_loss": "on" if tcfg.perceptual_weight > 0 else "off (weight 0)",

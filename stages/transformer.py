@@ -1,4 +1,5 @@
-"""Transformer: fit the VIM Transformer on the pretokenized code arrays with Ray Train.
+"""Transformer: fit the VIM Transformer (or, with transformer.kind=rq, the RQ-Transformer over code stacks) on the
+pretokenized code arrays with Ray Train.
 
 Workers stream the Parquet codes through Ray Data. An image stored in several views contributes one
 of them per epoch, picked by a hash of its key and the epoch, so every epoch sees each image once and
@@ -19,9 +20,12 @@ import torch
 
 from pipeline import device as devices
 from pipeline.config import PipelineConfig, TransformerConfig
+from pipeline.data.codes import CodesError, check_code_files
+from pipeline.models.code_models import CodeModel, build_code_model, code_model_settings, codes_per_image
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
-from pipeline.models.transformer import TransformerSettings, VIMTransformer
-from pipeline.stage import StageContext, StageResult
+from pipeline.models.residual_quantize import StoredStackLabels
+from pipeline.models.rq_transformer import RQTransformer, code_stack_loss
+from pipeline.stage import StageContext, StageInputError, StageResult
 from pipeline.train import xla_spmd
 from pipeline.train.lm_step import LN2, accumulated_step, lr_at, next_token_loss, parameter_groups
 from pipeline.train.optim import set_lr
@@ -63,26 +67,49 @@ def training_batches(shard, cfg: TransformerConfig, view_ids: list[int], epoch: 
             pending, held = [(codes[cfg.batch_size:], labels[cfg.batch_size:])], held - cfg.batch_size
 
 
+def rq_loss(labeler: StoredStackLabels | None, cfg: TransformerConfig, generator: torch.Generator):
+    """The RQ-Transformer's training loss on a micro-batch of Parquet code rows: cross-entropy over every code of
+    every stack, on the codes or (soft_label_temperature > 0) on the paper's soft labels, with the input stacks
+    resampled from them when stochastic_codes is on."""
+    def loss_of(model, codes: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        core = getattr(model, "module", model)  # DDP keeps the model's own methods on .module
+        stacks, targets = core.stacks(codes), None
+        if labeler is not None:
+            targets, stacks = labeler(stacks, cfg.soft_label_temperature, cfg.stochastic_codes, generator)
+        return code_stack_loss(model(stacks, labels), stacks, targets)[0]
+    return loss_of
+
+
 @torch.no_grad()
-def validation_loss(model: VIMTransformer, shard, cfg: TransformerConfig, backend) -> float:
-    """Mean NLL in nats per token over up to `val_images` plain-view val images."""
+def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) -> dict[str, float]:
+    """Mean NLL in nats per code over up to `val_images` plain-view val images (`val_loss_nats`); for the
+    RQ-Transformer also per depth (`val_loss_nats_depth<d>`), on the stored codes."""
     model.eval()
-    total, tokens_seen, images = 0.0, 0, 0
+    total, per_depth, codes_seen, images = 0.0, 0.0, 0, 0
     for batch in shard.iter_torch_batches(batch_size=256, dtypes={c: torch.int64 for c in COLUMNS}):
         codes = batch["codes"][: cfg.val_images - images].to(backend.device)
         labels = batch["label"][: len(codes)].to(backend.device)
+        labels = labels if cfg.conditional else None
         with backend.autocast():
-            logits = model(codes, labels if cfg.conditional else None)
-        total += float(next_token_loss(logits, codes)) * codes.numel()
-        tokens_seen += codes.numel()
+            if isinstance(model, RQTransformer):
+                stacks = model.stacks(codes)
+                loss, depths = code_stack_loss(model(stacks, labels), stacks)
+                per_depth = per_depth + depths.double().cpu() * codes.numel()
+            else:
+                loss = next_token_loss(model(codes, labels), codes)
+        total += float(loss) * codes.numel()
+        codes_seen += codes.numel()
         images += len(codes)
         if images >= cfg.val_images:
             break
     model.train()
-    return total / max(tokens_seen, 1)
+    figures = {"val_loss_nats": total / max(codes_seen, 1)}
+    if isinstance(per_depth, torch.Tensor):
+        figures.update({f"val_loss_nats_depth{d}": float(v) / codes_seen for d, v in enumerate(per_depth)})
+    return figures
 
 
-def _wrap_model(core: VIMTransformer, cfg: TransformerConfig, backend) -> torch.nn.Module:
+def _wrap_model(core: CodeModel, cfg: TransformerConfig, backend) -> torch.nn.Module:
     """The module the training step calls (compiled if asked): the core sharded in place by FSDP2, or DDP
     through Ray Train around it; on XLA, SPMD over every chip of every host replicates it or shards it (FSDPv2)."""
     import ray.train.torch
@@ -104,11 +131,11 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
     from stages.training import start_worker
 
     cfg = TransformerConfig.model_validate(loop_config["transformer"])
-    settings = TransformerSettings.model_validate(loop_config["settings"])
+    settings = code_model_settings(loop_config["settings"])
     view_ids: list[int] = loop_config["view_ids"]
     backend = devices.detect(cfg.resources.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    core = VIMTransformer(settings).to(backend.device)  # uncompiled, unwrapped: state, export, validation
+    core = build_code_model(settings).to(backend.device)  # uncompiled, unwrapped: state, export, validation
     model = _wrap_model(core, cfg, backend)
     sharded = is_sharded(core) or backend.spans_processes  # then a forward, validation included, needs every rank
     # After sharding: the groups go by the parameters' names, which FSDP2 keeps.
@@ -131,7 +158,14 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
         while len(group := list(itertools.islice(micro_batches, cfg.grad_accum))) == cfg.grad_accum:
             yield group
 
-    last_val = float("nan")
+    labeler = None
+    if loop_config.get("codebook") is not None:  # soft labels from the tokenizer's codebook
+        labeler = StoredStackLabels(torch.as_tensor(loop_config["codebook"]).to(backend.device), settings.vocab_size,
+                                    settings.code_depth, settings.shared_codebook)
+    code_generator = torch.Generator()  # reseeded every step: a resumed run draws what an unbroken one would
+    loss_of = rq_loss(labeler, cfg, code_generator) if isinstance(core, RQTransformer) else None
+    codes_per_row = codes_per_image(settings)
+    last_val: dict[str, float] = {}
     empty_epoch = (f"the train split needs at least transformer.batch_size x grad_accum x workers = "
                    f"{cfg.batch_size * cfg.grad_accum * run.world} images")
     # Picking one view per image leaves ranks with slightly different row counts: they agree on an epoch's end.
@@ -140,30 +174,31 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
                   backend.batch_to_device(core.drop_labels(labels)) if cfg.conditional else None)
                  for codes, labels in group]
         set_lr(optimizer, lr_at(run.step, cfg.lr, cfg.lr_floor, cfg.warmup_steps, cfg.decay_start, cfg.steps))
-        loss, norm = accumulated_step(model, group, optimizer, backend, cfg.grad_clip)
-        run.step_done(cfg.batch_size * cfg.grad_accum * settings.length)
+        code_generator.manual_seed(cfg.seed * 1_000_003 + run.step * 97 + run.rank)
+        loss, norm = accumulated_step(model, group, optimizer, backend, cfg.grad_clip, loss_of)
+        run.step_done(cfg.batch_size * cfg.grad_accum * codes_per_row)
 
         if run.log_due(cfg.log_every):
             tokens_per_second, wait = run.window()
             mfu = tokens_per_second * flops_per_token / (peak * run.world)
             run.log({"train_loss_nats": loss, "train_bits_per_token": loss / LN2, "grad_norm": norm,
                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_second": tokens_per_second,
-                     "images_per_second": tokens_per_second / settings.length, "mfu": mfu,
+                     "images_per_second": tokens_per_second / codes_per_row, "mfu": mfu,
                      "data_wait_fraction": wait},
                     f"loss {loss:.4f} nats ({loss / LN2:.3f} bits)/token {tokens_per_second:.0f} tok/s "
                     f"MFU {mfu:.3f} data wait {wait:.2f}")
         if run.log_due(cfg.eval_every) or (sharded and run.due(cfg.eval_every)):
             last_val = validation_loss(core, val_shard, cfg, backend)  # every rank reads the same val rows
             if run.tracker is not None:
-                run.tracker.log_metrics({"val_loss_nats": last_val, "val_bits_per_token": last_val / LN2},
+                run.tracker.log_metrics({**last_val, "val_bits_per_token": last_val["val_loss_nats"] / LN2},
                                         step=run.step)
         run.checkpoint_if_due(cfg.checkpoint_every)
 
-    if last_val != last_val and (run.rank == 0 or sharded):  # resumed after the last step: still owed
+    if not last_val and (run.rank == 0 or sharded):  # resumed after the last step: still owed
         last_val = validation_loss(core, val_shard, cfg, backend)
     if run.rank != 0:
         return None
-    return {"val_loss_nats": last_val, "val_bits_per_token": last_val / LN2, "steps": float(run.step),
+    return {**last_val, "val_bits_per_token": last_val["val_loss_nats"] / LN2, "steps": float(run.step),
             "train_seconds": run.seconds, "epochs": float(run.state.epoch + 1),
             "parameters": float(core.parameter_count(embeddings=True)),
             "flops_per_token": float(flops_per_token), "peak_flops": peak}
@@ -171,6 +206,37 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
 
 # ---------------------------------------------------------------------------------------------
 # The stage
+
+
+def check_codes(ctx: StageContext, kind: str, settings, depth: int) -> None:
+    """Every code file's contract (schema metadata and row length) against what the model is built for, before
+    any worker starts: a depth, grid or codebook that differs is named with its file."""
+    if depth > 1 and kind != "rq":
+        raise StageInputError(f"the codes in {ctx.uri_of('pretokenize')} are stacks of {depth} (a tokenizer with "
+                              f"quantizer=rq): train them with transformer.kind=rq")
+    folder = ctx.folder_of("pretokenize")
+    paths = [ctx.run_dir.path(folder, name) for names in ctx.inputs["pretokenize"].outputs["codes"].values()
+             for name in names]
+    try:
+        check_code_files(paths, grid=tuple(settings.grid), depth=depth, codebook_size=settings.vocab_size,
+                         filesystem=ctx.run_dir.fs)
+    except CodesError as error:
+        raise StageInputError(f"{error}; rerun pretokenize (--from pretokenize --force pretokenize)") from None
+
+
+def tokenizer_codebook(ctx: StageContext) -> np.ndarray:
+    """The lookup table of the tokenizer that wrote the codes, for soft labels; its weights must be the ones
+    pretokenize recorded."""
+    from safetensors.torch import load as load_safetensors
+
+    from pipeline.data.codes import file_sha256
+
+    data = ctx.run_dir.read_bytes(ctx.folder_of("tokenizer"), WEIGHTS_FILE)
+    recorded = ctx.inputs["pretokenize"].outputs["tokenizer_sha256"]
+    if file_sha256(data)[:len(recorded)] != recorded:
+        raise StageInputError(f"{ctx.uri_of('tokenizer', WEIGHTS_FILE)} is not the tokenizer the codes were written "
+                              f"with (sha256 {recorded}...); soft labels need its codebook: rerun pretokenize")
+    return load_safetensors(data)["quantizer.codebook"].float().numpy()
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
@@ -188,21 +254,27 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
              .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
     val = (ray.data.read_parquet(files[val_split], num_cpus=read).filter(lambda row: row["view"] == 0, num_cpus=read)
            .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
+    depth = int(codes.outputs.get("depth", 1))
     settings = tcfg.model_settings(
         vocab_size=codes.outputs["codebook_size"], grid=tuple(codes.outputs["grid"]),
-        num_classes=int(ingest.details.get("num_classes", 0)))
+        num_classes=int(ingest.details.get("num_classes", 0)), code_depth=depth,
+        shared_codebook=bool(codes.outputs.get("shared_codebook", True)))
+    check_codes(ctx, tcfg.kind, settings, depth)
     with torch.device("meta"):  # shapes only: the driver never holds the weights
-        parameters = VIMTransformer(settings).parameter_count(embeddings=True)
-    ctx.log.info("VIM %s: %.2fM parameters, %d tokens per image, %d classes", tcfg.size, parameters / 1e6,
-                 settings.length, settings.num_classes)
-    ctx.tracker.set_tags({"vim.transformer_size": tcfg.size, "vim.conditional": str(tcfg.conditional)})
+        parameters = build_code_model(settings).parameter_count(embeddings=True)
+    size = tcfg.rq_size if tcfg.kind == "rq" else tcfg.size
+    ctx.log.info("%s %s: %.2fM parameters, %d positions x %d codes per image, %d classes", tcfg.kind.upper(), size,
+                 parameters / 1e6, settings.length, depth, settings.num_classes)
+    ctx.tracker.set_tags({"vim.transformer_kind": tcfg.kind, "vim.transformer_size": size,
+                          "vim.conditional": str(tcfg.conditional)})
     loop_config = {"transformer": tcfg.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
-                   "view_ids": sorted(codes.outputs["views"].values())}
+                   "view_ids": sorted(codes.outputs["views"].values()),
+                   "codebook": tokenizer_codebook(ctx) if tcfg.kind == "rq" and tcfg.soft_label_temperature > 0 else None}
     final = train_and_export(ctx, transformer_loop, loop_config, tcfg.resources, {"train": train, "val": val},
                              lambda weights, folder: save_weights(weights, settings, folder))
-    tokens = tcfg.steps * tcfg.batch_size * tcfg.grad_accum * tcfg.resources.num_workers * settings.length
+    tokens = tcfg.steps * tcfg.batch_size * tcfg.grad_accum * tcfg.resources.num_workers * codes_per_image(settings)
     final["train_tokens_per_second_overall"] = tokens / max(final["train_seconds"], 1e-9)
-    ctx.log.info("transformer: val %.4f nats/token (%.3f bits), %.0f tokens/s", final["val_loss_nats"],
+    ctx.log.info("transformer: val %.4f nats/code (%.3f bits), %.0f codes/s", final["val_loss_nats"],
                  final["val_bits_per_token"], final["train_tokens_per_second_overall"])
     return StageResult(
         outputs={"model": WEIGHTS_FILE, "config": SETTINGS_FILE, "settings": settings.model_dump(mode="json")},

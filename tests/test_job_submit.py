@@ -4,11 +4,13 @@ The job is stopped with `ray job stop` in the middle of ingest, of the tokenizer
 transformer, its driver is killed (SIGKILL) in the middle of the transformer, and the same command is
 submitted again each time; the finished run must hold what an uninterrupted run holds, and its evaluation
 every figure with its recipe (`helpers.check_evaluation`)."""
+import json
 import re
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
@@ -150,3 +152,65 @@ def test_a_pipeline_stopped_in_four_stages_finishes_like_an_uninterrupted_one(ra
     for folder in ("shards", "tokenizer", "codes", "transformer", "eval"):
         run = client.get_run(Manifest.read(RunDir(str(run_dir)), folder).mlflow_run_id)
         assert run.info.status == "FINISHED" and "mlflow.parentRunId" in run.data.tags, folder
+
+
+# Residual quantization end to end: stacks of 2 codes per position on the 4 x 4 grid, the RQ-Transformer on the
+# paper's soft labels, per-depth sampling temperatures; stopped inside the RQ-Transformer stage and resubmitted.
+RQ_TINY = PRETOKENIZE_TINY + [
+    "ingest.max_images_per_split=600",  # the evaluation and the rejection network each train on 256
+    "tokenizer.quantizer=rq", "tokenizer.rq_depth=2", "tokenizer.checkpoint_every=10",
+    "transformer.kind=rq", "transformer.rq_size=pico", "transformer.soft_label_temperature=0.5",
+    "transformer.steps=100", "transformer.batch_size=32", "transformer.lr=3e-3", "transformer.warmup_steps=2",
+    "transformer.decay_start=50", "transformer.label_dropout=0.1", "transformer.checkpoint_every=20",
+    "transformer.log_every=20", "transformer.val_images=64", "transformer.resources.num_workers=1",
+    "evaluate.temperature=[1.0,0.9]"] + [o for o in TINY if o.startswith("evaluate.")]
+
+
+def test_a_residual_quantization_pipeline_stopped_in_its_rq_transformer_stage_resumes(ray_head, tmp_path):
+    run_dir = tmp_path / "rq"
+    args = ["--config", "configs/demo.yaml", "--run-dir", str(run_dir)] + [a for o in RQ_TINY for a in ("--set", o)]
+    submitted = ray_job(ray_head, "submit", "--no-wait", "--submission-id", "rq-stop", "--working-dir", str(ROOT),
+                        "--", "python", "jobs/full_pipeline.py", *args)
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+    deadline = time.time() + 400
+    while not checkpoint_registered(run_dir / "transformer"):
+        assert job_status(ray_head, "rq-stop") in ("PENDING", "RUNNING"), "the job ended before an RQ checkpoint"
+        assert time.time() < deadline, "the RQ-Transformer never checkpointed"
+        time.sleep(0.05)
+    stop_job(ray_head, "rq-stop")
+    while job_status(ray_head, "rq-stop") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        time.sleep(0.5)
+    assert _committed(run_dir, "codes") and not _committed(run_dir, "transformer")
+
+    final = ray_job(ray_head, "submit", "--submission-id", "rq-finish", "--working-dir", str(ROOT),
+                    "--", "python", "jobs/full_pipeline.py", *args)
+    assert final.returncode == 0 and "succeeded" in final.stdout, final.stdout[-3000:] + final.stderr[-3000:]
+
+    run = RunDir(str(run_dir))
+    client = MlflowClient(default_tracking_uri(str(run_dir)))
+    # The tokenizer: residual codes, figures per depth.
+    tokenizer = Manifest.read(run, "tokenizer")
+    assert tokenizer.outputs["depth"] == 2
+    assert {"val_usage_per_256_depth0", "val_usage_per_256_depth1"} <= set(tokenizer.metrics)
+    train_logged = client.get_run(tokenizer.mlflow_run_id).data.metrics
+    assert train_logged["train_quantization_error_depth1"] <= train_logged["train_quantization_error_depth0"]
+    # The codes: stacks of 2 per position, said by the manifest and by every file's schema.
+    codes = Manifest.read(run, "codes")
+    assert (codes.outputs["depth"], codes.outputs["length"]) == (2, 4 * 4 * 2)
+    for name in codes.outputs["codes"]["train"]:
+        schema = pq.read_schema(run_dir / "codes" / name)
+        assert schema.field("codes").type.list_size == 32 and b'"depth": 2' in schema.metadata[b"vim.codes"]
+    assert "train_perplexity_depth1" in codes.metrics
+    # The RQ-Transformer: resumed from its checkpoint, trained to the end, a loss per depth.
+    transformer = Manifest.read(run, "transformer")
+    assert transformer.outputs["settings"]["code_depth"] == 2 and transformer.counts["steps"] == 100
+    resumed = [m.value for m in client.get_metric_history(transformer.mlflow_run_id, "resumed_from_step")]
+    assert resumed and all(v % 20 == 0 and 20 <= v < 100 for v in resumed), resumed
+    logged = sorted({m.step for m in client.get_metric_history(transformer.mlflow_run_id, "train_loss_nats")})
+    assert logged == list(range(20, 101, 20))
+    uniform = np.log(64)
+    assert all(transformer.metrics[f"val_loss_nats_depth{d}"] < uniform for d in (0, 1)), transformer.metrics
+    # Evaluate, unchanged: every figure, samples of 16 positions x 2 codes, the probe on the spatial blocks.
+    check_evaluation(run_dir, tokens=32)
+    report = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert report["metrics"]["recon_usage_per_256_depth1"] > 0 and report["sampling"]["temperature"] == [1.0, 0.9]

@@ -129,22 +129,27 @@ def test_data_init_seeds_each_depth_from_the_residuals_the_depths_before_leave(s
 def test_rq_trains_inside_the_vit_and_the_cnn_tokenizer(architecture):
     torch.manual_seed(0)
     settings = TokenizerSettings(image_size=16, patch_size=4, codebook_size=32, codebook_dim=8,
-                                 architecture=architecture, cnn_channels=8)
+                                 architecture=architecture, cnn_channels=8, quantizer="rq", rq_depth=2)
     model = ViTVQGAN(settings)
-    model.quantizer = make_quantizer(settings.latent_width, settings, RQSettings(quantizer="rq", rq_depth=2))
+    assert isinstance(model.quantizer, ResidualQuantizer) and settings.code_shape == (4, 4, 2)
     images = torch.rand(2, 3, 16, 16)
     reconstruction, _, quantized = model(images)
     assert quantized.codes.shape == (2, 16, 2)
     (F.mse_loss(reconstruction, images) + sum(quantized.losses.values())).backward()
     first = next(p for p in model.encoder.parameters() if p.requires_grad)
     assert first.grad is not None and first.grad.abs().sum() > 0
-    # Decoding the code stacks gives the forward pass's reconstruction.
+    # Encoding gives (B, h, w, D) stacks; decoding them, or the same flattened as a Parquet row holds them,
+    # gives the forward pass's reconstruction.
     model.eval()
     with torch.no_grad():
         reconstruction = model(images)[0]
-        codes = model.quantizer.encode(model.encoder(images * 2 - 1))
-        decoded = model._pixels(model.decoder(model.bridge(model.quantizer.embed(codes))))
-    assert torch.allclose(decoded, reconstruction, atol=1e-5)
+    codes = model.encode(images)
+    assert codes.shape == (2, 4, 4, 2)
+    assert torch.allclose(model.decode(codes), reconstruction.clamp(0, 1), atol=1e-5)
+    assert torch.equal(model.decode(codes.flatten(1)), model.decode(codes))
+    # The same settings with quantizer vq: the vector quantizer and plain (B, h, w) codes.
+    vq = ViTVQGAN(settings.model_copy(update={"quantizer": "vq"}))
+    assert vq.encode(images).shape == (2, 4, 4) and not isinstance(vq.quantizer, ResidualQuantizer)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -74,7 +74,10 @@ def codes_table(keys, labels, views, codes: np.ndarray, meta: CodesMeta) -> pa.T
 
 
 def codes_matrix(table: pa.Table, meta: CodesMeta | None = None) -> np.ndarray:
-    """The `codes` column as an int16 (rows, length) array, zero-copy where Arrow allows."""
+    """The `codes` column as an int16 (rows, length) array, zero-copy where Arrow allows; with `meta`, after
+    checking the table is of that contract (its schema metadata, and rows of meta.length codes)."""
+    if meta is not None:
+        check_schema(table.schema, meta.grid, meta.depth, meta.codebook_size, "this table")
     column = table.column("codes").combine_chunks()
     length = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, length)
@@ -82,6 +85,32 @@ def codes_matrix(table: pa.Table, meta: CodesMeta | None = None) -> np.ndarray:
 
 def read_meta(path: str, filesystem=None) -> CodesMeta:
     return CodesMeta.from_schema(pq.read_schema(path, filesystem=filesystem))
+
+
+def check_schema(schema: pa.Schema, grid: tuple[int, int], depth: int, codebook_size: int, source: str) -> CodesMeta:
+    """The contract of a code file's schema against what its reader expects: grid, depth (codes per position),
+    codebook size, and a `codes` column of grid x grid x depth codes per row. Raises CodesError naming `source`."""
+    try:
+        meta = CodesMeta.from_schema(schema)
+    except CodesError as error:
+        raise CodesError(f"{source}: {error}") from None
+    expected = {"grid": tuple(grid), "depth": depth, "codebook_size": codebook_size}
+    wrong = {k: (getattr(meta, k), v) for k, v in expected.items() if getattr(meta, k) != v}
+    if wrong:
+        said = ", ".join(f"{k} {found} where {want} was expected" for k, (found, want) in wrong.items())
+        raise CodesError(f"{source}: codes of another shape ({said})")
+    column = schema.field("codes").type if "codes" in schema.names else None
+    if not isinstance(column, pa.FixedSizeListType) or column.list_size != meta.length:
+        raise CodesError(f"{source}: the codes column is {column}, not {meta.length} int16 codes per row "
+                         f"(grid {meta.grid} x depth {meta.depth})")
+    return meta
+
+
+def check_code_files(paths: list[str], grid: tuple[int, int], depth: int, codebook_size: int,
+                     filesystem=None) -> None:
+    """`check_schema` for every file (only their footers are read)."""
+    for path in paths:
+        check_schema(pq.read_schema(path, filesystem=filesystem), grid, depth, codebook_size, path)
 
 
 def file_sha256(data: bytes) -> str:

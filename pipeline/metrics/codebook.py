@@ -43,3 +43,28 @@ class CodebookUsage:
                 "usage_split": float((self.histogram > 0).mean()),
                 "perplexity": float(np.exp(-(probs * np.log(probs)).sum())) if total else 0.0,
                 "dead_codes": float((self.histogram == 0).sum())}
+
+
+class CodeStackUsage:
+    """`CodebookUsage` for code stacks (residual quantization, (images, ..., depth)): the figures over the whole
+    table, and per depth `<name>_depth<d>` over that depth's codes. A shared codebook is one table of
+    `codebook_size`; separate ones are `depth` tables, so the whole-table figures count `depth x codebook_size`
+    codes. Plain codes (depth 1) give just the whole-table figures."""
+
+    def __init__(self, codebook_size: int, depth: int = 1, shared: bool = True, images_per_batch: int = 256):
+        self.depth, self.shared, self.size = depth, shared, codebook_size
+        self.table = CodebookUsage(codebook_size * (1 if shared else depth), images_per_batch)
+        self.depths = [CodebookUsage(codebook_size, images_per_batch) for _ in range(depth)] if depth > 1 else []
+
+    def update(self, codes: np.ndarray) -> None:
+        codes = np.asarray(codes).reshape(len(codes), -1, self.depth)
+        offsets = 0 if self.shared else np.arange(self.depth) * self.size
+        self.table.update(codes + offsets)
+        for depth, usage in enumerate(self.depths):
+            usage.update(codes[..., depth])
+
+    def result(self) -> dict[str, float]:
+        figures = self.table.result()
+        for depth, usage in enumerate(self.depths):
+            figures.update({f"{name}_depth{depth}": value for name, value in usage.result().items()})
+        return figures

@@ -15,9 +15,10 @@ from pipeline.device import inference_device
 from pipeline.metrics.image_quality import psnr, ssim
 from pipeline.metrics.inception import InceptionFeatures
 from pipeline.models.domain_classifier import DomainClassifier
-from pipeline.models.sampling import SamplingSettings, sample_tokens
+from pipeline.models.code_models import load_code_model, sample_codes
+from pipeline.models.rq_transformer import RQSamplingSettings
+from pipeline.models.sampling import SamplingSettings
 from pipeline.models.tokenizer import load_tokenizer
-from pipeline.models.transformer import load_transformer
 from pipeline.storage import local_folder
 
 
@@ -34,15 +35,22 @@ def load_domain_classifier(state: dict) -> DomainClassifier:
     return model.eval()
 
 
+def sampling_settings(settings: dict) -> SamplingSettings | RQSamplingSettings:
+    """The sampler's settings from their JSON form: per-depth lists (RQ-Transformer) become tuples."""
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    per_depth = any(isinstance(v, tuple) for v in settings.values())
+    return (RQSamplingSettings if per_depth else SamplingSettings)(**settings)
+
+
 class SampleImages:
-    """Per chunk {labels: list of label lists, seed}: token grids from the transformer, decoded to uint8
+    """Per chunk {labels: list of label lists, seed}: codes from the transformer (VIM or RQ), decoded to uint8
     images by the tokenizer."""
 
     def __init__(self, transformer_uri: str, tokenizer_uri: str, settings: dict, threads: int, use_gpu: bool):
         device = inference_device(threads, use_gpu)
-        self.transformer = load_transformer(local_folder(transformer_uri), device)
+        self.transformer = load_code_model(local_folder(transformer_uri), device)
         self.tokenizer = load_tokenizer(local_folder(tokenizer_uri), device)
-        self.settings = SamplingSettings(**settings)
+        self.settings = sampling_settings(settings)
 
     def __call__(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, labels, codes = [], [], []
@@ -50,10 +58,9 @@ class SampleImages:
             label_tensor = torch.as_tensor(np.asarray(chunk_labels), dtype=torch.long)
             conditional = self.transformer.settings.num_classes > 0
             generator = torch.Generator().manual_seed(int(seed))
-            tokens = sample_tokens(self.transformer, label_tensor if conditional else None, self.settings,
-                                   generator, batch=len(label_tensor))
-            grid = self.tokenizer.settings.grid
-            pixels = self.tokenizer.decode(tokens.view(-1, grid, grid))
+            tokens = sample_codes(self.transformer, label_tensor if conditional else None, self.settings,
+                                  generator, batch=len(label_tensor))
+            pixels = self.tokenizer.decode(tokens)
             images.append(pixels.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
             labels.append(label_tensor.numpy())
             codes.append(tokens.cpu().numpy().astype(np.int16))
@@ -117,12 +124,13 @@ class ImageFeatures:
 
 
 class BlockFeatures:
-    """Per row of codes, the average-pooled token features of the given transformer blocks, shape
-    (rows, len(blocks), dim); the class slot holds the null class, so no label leaks in."""
+    """Per row of codes, the average-pooled features of the given transformer blocks (the RQ-Transformer's
+    spatial ones) over the image's positions, shape (rows, len(blocks), dim); the class slot holds the null
+    class, so no label leaks in."""
 
     def __init__(self, transformer_uri: str, blocks: list[int], threads: int, use_gpu: bool):
         self.device = inference_device(threads, use_gpu)
-        self.model = load_transformer(local_folder(transformer_uri), self.device)
+        self.model = load_code_model(local_folder(transformer_uri), self.device)
         self.blocks = blocks
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

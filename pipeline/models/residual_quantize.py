@@ -117,24 +117,12 @@ class ResidualQuantizer(VectorQuantizer):
         softmax(-||r_d - e_k||^2 / temperature) over the depth's book, and the code stack that generated the
         residuals: codes sampled from those distributions (`stochastic`, the paper's stochastic sampling) or the
         nearest ones. Returns (targets (B, N, D, K), codes (B, N, D))."""
-        if temperature <= 0:
-            raise ValueError(f"soft labels need a temperature > 0, got {temperature}")
         latent = self._latent(z)
-        residual = latent.reshape(-1, latent.shape[-1]).float()
-        table = self.lookup_table().detach().float()
-        targets, codes = [], []
-        for depth in range(self.depth):
-            book = self._book(table, depth)
-            # ||r||^2 is the same for every code of a row, so the softmax does without it
-            distances = (book * book).sum(1)[None] - 2 * residual @ book.t()
-            probs = (-distances / temperature).softmax(-1)
-            code = (torch.multinomial(probs, 1, generator=generator).squeeze(1) if stochastic
-                    else distances.argmin(1))
-            residual = residual - book[code]
-            targets.append(probs)
-            codes.append(code)
+        books = [self._book(self.lookup_table().detach().float(), d) for d in range(self.depth)]
+        targets, codes = soft_residual_codes(latent.reshape(-1, latent.shape[-1]), books, temperature, stochastic,
+                                             generator)
         shape = (*latent.shape[:-1], self.depth)
-        return torch.stack(targets, 1).view(*shape, -1), torch.stack(codes, 1).view(shape)
+        return targets.view(*shape, -1), codes.view(shape)
 
     # ---- codebook maintenance -------------------------------------------------------------------
     def _book_rows(self, depth: int) -> slice:
@@ -198,6 +186,63 @@ class ResidualQuantizer(VectorQuantizer):
         for kind in ("usage_batch", "perplexity_batch", "quantization_error"):
             names += [f"{kind}_depth{d}" for d in range(self.depth)]
         return dict(zip(names, values))
+
+
+@torch.no_grad()
+def soft_residual_codes(latent: torch.Tensor, books: list[torch.Tensor], temperature: float, stochastic: bool,
+                        generator: torch.Generator | None = None,
+                        known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual coding of `latent` (M, c) with soft labels: at depth d the distribution softmax(-||r_d - e_k||^2 /
+    temperature) over `books[d]` (K, c), and the code taken from it: sampled (`stochastic`), else the `known`
+    code (M, D) when given, else the nearest. Returns (targets (M, D, K), codes (M, D))."""
+    if temperature <= 0:
+        raise ValueError(f"soft labels need a temperature > 0, got {temperature}")
+    residual = latent.float()
+    targets, codes = [], []
+    for book in books:
+        book = book.float()
+        # ||r||^2 is the same for every code of a row, so the softmax does without it
+        distances = (book * book).sum(1)[None] - 2 * residual @ book.t()
+        probs = (-distances / temperature).softmax(-1)
+        if stochastic:  # drawn on the CPU generator's stream, so a seeded run draws the same on any device
+            code = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(residual.device)
+        else:
+            code = known[:, len(codes)] if known is not None else distances.argmin(1)
+        residual = residual - book[code]
+        targets.append(probs)
+        codes.append(code)
+    return torch.stack(targets, 1), torch.stack(codes, 1)
+
+
+class StoredStackLabels:
+    """Soft labels for RQ-Transformer training from stored code stacks (the pretokenized Parquet rows), with the
+    tokenizer's codebook. The latent the paper's labels start from is not stored, so it is taken as the sum of
+    the stack's codes (the full-depth reconstruction, which leaves out the last depth's quantization error); the
+    residuals follow from it exactly as `ResidualQuantizer.soft_codes` codes them."""
+
+    def __init__(self, table: torch.Tensor, codebook_size: int, depth: int, shared: bool):
+        self.table, self.size, self.depth, self.shared = table.float(), codebook_size, depth, shared
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], codebook_size: int, depth: int, shared: bool,
+                   device=None) -> "StoredStackLabels":
+        """From a tokenizer's state dict (its `quantizer.codebook`, the lookup table)."""
+        return cls(state["quantizer.codebook"].to(device), codebook_size, depth, shared)
+
+    def _books(self) -> list[torch.Tensor]:
+        if self.shared:
+            return [self.table] * self.depth
+        return [self.table[d * self.size:(d + 1) * self.size] for d in range(self.depth)]
+
+    def __call__(self, stacks: torch.Tensor, temperature: float, stochastic: bool,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacks (B, L, D) -> (targets (B, L, D, K), the stacks the targets go with): resampled depth by depth
+        when `stochastic`; else the stored ones, each depth's target taken at the residual they leave."""
+        books = self._books()
+        rows = stacks.reshape(-1, self.depth).to(self.table.device)
+        latent = sum(book[rows[:, d]] for d, book in enumerate(books))
+        targets, codes = soft_residual_codes(latent, books, temperature, stochastic, generator, known=rows)
+        return targets.view(*stacks.shape, -1), codes.view(stacks.shape)
 
 
 def make_quantizer(dim: int, settings: QuantizerSettings, rq: RQSettings) -> VectorQuantizer:

@@ -139,6 +139,26 @@ class RQTransformer(nn.Module):
         h = self._run_cached(self.depth_blocks, (x + self.depth_position[depth])[:, None], caches.depth)
         return self.head(self.norm(h))
 
+    # ---- features -------------------------------------------------------------------------------
+    def stacks(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes as the Parquet rows hold them, (B, L * D) in raster order with depth innermost -> (B, L, D)."""
+        return codes.reshape(codes.shape[0], self.settings.length, self.settings.code_depth)
+
+    @torch.no_grad()
+    def pooled_block_features(self, codes: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+        """Average-pooled features of spatial blocks over the image's positions, in one pass: (B, len(blocks),
+        dim), for the linear probe. `codes`: (B, L, D) or flattened. The class slot holds the null class (the
+        start token), so no label reaches the features."""
+        stacks = self.stacks(codes)
+        x = torch.cat([self._class_tokens(None, len(stacks), stacks.device),
+                       self._stack_inputs(self.embed_codes(stacks), 0)], dim=1)
+        wanted, pooled = set(blocks), {}
+        for index in range(max(blocks) + 1):
+            x = self.spatial_blocks[index](x)
+            if index in wanted:
+                pooled[index] = x[:, 1:].mean(1)
+        return torch.stack([pooled[b] for b in blocks], 1)
+
     # ---- accounting -----------------------------------------------------------------------------
     def parameter_count(self, embeddings: bool = False) -> int:
         count = sum(p.numel() for p in self.parameters())
@@ -146,6 +166,16 @@ class RQTransformer(nn.Module):
             count -= self.token_embedding.weight.numel() + self.class_embedding.weight.numel()
             count -= self.position.numel() + self.class_position.numel() + self.depth_position.numel()
         return count
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per code (a token here is one code of a stack): the spatial transformer runs once per
+        position, so its 6 N + attention is shared by the stack's D codes; the depth transformer and the head
+        run once per code, attending over at most D slots."""
+        size, settings = self.settings.shape, self.settings
+        spatial = sum(p.numel() for p in self.spatial_blocks.parameters())
+        per_position = 6 * spatial + 12 * size.spatial_layers * size.dim * settings.length
+        per_code = 6 * (self.parameter_count() - spatial) + 12 * size.depth_layers * size.dim * settings.code_depth
+        return per_position / settings.code_depth + per_code
 
 
 def code_stack_loss(logits: torch.Tensor, codes: torch.Tensor,

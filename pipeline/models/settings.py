@@ -121,9 +121,23 @@ class QuantizerSettings(ModelSettings):
     codebook_init: Literal["normal", "data"] = "normal"
 
 
-class TokenizerSettings(QuantizerSettings, NobleSettings):
+class RQSettings(ModelSettings):
+    """The tokenizer's quantizer kind: the vector quantizer, or residual quantization
+    (pipeline/models/residual_quantize.py) with the quantizer's other settings (codebook_size, ema, ...)."""
+
+    quantizer: Literal["vq", "rq"] = Field(
+        "vq", description="vq: one code per position; rq: rq_depth codes per position, each coding the residual "
+        "left by the ones before", json_schema_extra=ADDED_LATER)
+    rq_depth: Int = Field(4, ge=1, description="rq: codes per position (the paper's D)",
+                          json_schema_extra=added_later_with("quantizer"))
+    rq_shared_codebook: bool = Field(True, description="rq: one codebook for every depth; false: one per depth",
+                                     json_schema_extra=added_later_with("quantizer"))
+
+
+class TokenizerSettings(QuantizerSettings, RQSettings, NobleSettings):
     """ViT-VQGAN: the quantizer plus the ViT encoder and decoder (small sizes for CPU); or, with
-    architecture=cnn, the same quantizer and heads around the CNN-VQGAN baseline (pipeline/models/cnn.py)."""
+    architecture=cnn, the same quantizer and heads around the CNN-VQGAN baseline (pipeline/models/cnn.py).
+    With quantizer=rq the quantizer is residual (RQ-VAE) whatever the architecture."""
 
     image_size: Int = Field(32, ge=8)
     patch_size: Int = Field(4, ge=1)
@@ -148,6 +162,16 @@ class TokenizerSettings(QuantizerSettings, NobleSettings):
     def grid(self) -> int:
         """Tokens per side."""
         return self.image_size // self.patch_size
+
+    @property
+    def code_depth(self) -> int:
+        """Codes per position: rq_depth under residual quantization, else 1."""
+        return self.rq_depth if self.quantizer == "rq" else 1
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """An image's codes: (grid, grid), or (grid, grid, depth) under residual quantization."""
+        return (self.grid, self.grid) + ((self.rq_depth,) if self.quantizer == "rq" else ())
 
     @property
     def cnn_levels(self) -> tuple[int, ...]:
@@ -221,9 +245,7 @@ class TransformerSettings(TransformerArchitecture, CodeGrid):
         return VIM_SIZES[self.size]
 
 
-# ---- Residual quantization (issue #18): RQ-VAE tokenizer and RQ-Transformer ----------------------------------
-# Not wired into the config yet: RQSettings is meant to join TokenizerSettings' bases and RQTransformerOptions
-# TransformerConfig's (their fields are ADDED_LATER, so existing stages and models keep their hashes and files).
+# ---- The RQ-Transformer (residual quantization's second stage) -------------------------------------------------
 
 RQ_SIZE_NAMES = Literal["pico", "nano", "micro", "480M", "821M", "1.4B", "3.8B"]  # keys of RQ_SIZES
 
@@ -247,19 +269,6 @@ RQ_SIZES: dict[str, RQSize] = {
     "1.4B": RQSize(1536, 42, 6, 24, 6144),
     "3.8B": RQSize(2560, 42, 6, 40, 10240),
 }
-
-
-class RQSettings(ModelSettings):
-    """The tokenizer's quantizer kind: the vector quantizer, or residual quantization
-    (pipeline/models/residual_quantize.py) with the quantizer's other settings (codebook_size, ema, ...)."""
-
-    quantizer: Literal["vq", "rq"] = Field(
-        "vq", description="vq: one code per position; rq: rq_depth codes per position, each coding the residual "
-        "left by the ones before", json_schema_extra=ADDED_LATER)
-    rq_depth: Int = Field(4, ge=1, description="rq: codes per position (the paper's D)",
-                          json_schema_extra=added_later_with("quantizer"))
-    rq_shared_codebook: bool = Field(True, description="rq: one codebook for every depth; false: one per depth",
-                                     json_schema_extra=added_later_with("quantizer"))
 
 
 class RQTransformerOptions(ModelSettings):

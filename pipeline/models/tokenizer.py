@@ -19,7 +19,8 @@ from pipeline.models.cnn import CNNDecoder, CNNEncoder
 from pipeline.models.io import load_model, save_model
 from pipeline.models.losses import from_laplace_space
 from pipeline.models.noble import Noble
-from pipeline.models.quantize import QuantizerOutput, VectorQuantizer
+from pipeline.models.quantize import QuantizerOutput
+from pipeline.models.residual_quantize import make_quantizer
 from pipeline.models.settings import VIT_SIZES, TokenizerSettings
 from pipeline.models.vit import ViTDecoder, ViTEncoder, init_weights
 
@@ -51,7 +52,7 @@ class ViTVQGAN(nn.Module):
         enc, dec = VIT_SIZES[settings.encoder], VIT_SIZES[settings.decoder]
         noble = Noble.of(settings)  # NOBLE branches in the encoder's and decoder's blocks (rank 0: none)
         self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size, settings.channels, noble=noble)
-        self.quantizer = VectorQuantizer(enc.dim, settings)
+        self.quantizer = make_quantizer(enc.dim, settings, settings)
         self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
         self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels, noble=noble)
         init_weights(self.encoder)
@@ -60,7 +61,7 @@ class ViTVQGAN(nn.Module):
     def _build_cnn(self, settings: TokenizerSettings, out_channels: int) -> None:
         # taming's default (PyTorch) conv initialisation; encoder and decoder meet at the same latent width.
         self.encoder = CNNEncoder(settings, settings.channels)
-        self.quantizer = VectorQuantizer(settings.latent_width, settings)
+        self.quantizer = make_quantizer(settings.latent_width, settings, settings)
         self.bridge = nn.Identity()
         self.decoder = CNNDecoder(settings, out_channels)
 
@@ -98,14 +99,17 @@ class ViTVQGAN(nn.Module):
     # ---- codes in and out -----------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> codes (B, h, w) int64."""
+        """(B, 3, H, W) RGB in [0, 1] -> codes (B, *settings.code_shape) int64: (B, h, w), or (B, h, w, D)
+        under residual quantization."""
         codes = self.quantizer.encode(self.encoder(self._model_input(images)))
-        return codes.view(images.shape[0], self.settings.grid, self.settings.grid)
+        return codes.view(images.shape[0], *self.settings.code_shape)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, 3, H, W) in [0, 1]."""
-        vectors = self.quantizer.embed(codes.flatten(1))
+        """Codes (B, *settings.code_shape), or the same flattened per image as the Parquet rows hold them ->
+        images (B, 3, H, W) in [0, 1]."""
+        stacks = (self.settings.code_depth,) if self.settings.quantizer == "rq" else ()
+        vectors = self.quantizer.embed(codes.reshape(codes.shape[0], self.settings.grid ** 2, *stacks))
         return self._pixels(self.decoder(self.bridge(vectors))).clamp(0, 1)
 
 

@@ -1,10 +1,11 @@
-"""One optimizer step of the VIM Transformer over several micro-batches (gradient accumulation), and the
-schedule and parameter groups of the paper's recipe. Free of Ray: the stage and the XLA check share it."""
+"""One optimizer step of the VIM Transformer (or the RQ-Transformer, with its own loss) over several micro-batches
+(gradient accumulation), and the schedule and parameter groups of the paper's recipe. Free of Ray: the stage and
+the XLA check share it."""
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,19 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
+LossOf = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def next_token_loss_of(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The VIM Transformer's training loss on a micro-batch."""
+    return next_token_loss(model(tokens, labels), tokens)
+
+
 def accumulated_step(model: nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-                     optimizer: torch.optim.Optimizer, backend, grad_clip: float) -> tuple[float, float]:
-    """Forward/backward every micro-batch, then one clipped optimizer step.
+                     optimizer: torch.optim.Optimizer, backend, grad_clip: float,
+                     loss_of: LossOf | None = None) -> tuple[float, float]:
+    """Forward/backward every micro-batch, then one clipped optimizer step. `loss_of(model, tokens, labels)`:
+    the mean loss of a micro-batch (default: the VIM Transformer's next-token loss).
 
     Each micro-batch's mean loss is divided by their count, so k micro-batches of n give the gradient
     of one batch of k*n. Under DDP only the last backward all-reduces (`no_sync` for the others).
@@ -54,7 +65,7 @@ def accumulated_step(model: nn.Module, micro_batches: Iterable[tuple[torch.Tenso
         last = index == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with backend.autocast():  # through the (DDP) wrapper's forward, so its hooks all-reduce
-                loss = next_token_loss(model(tokens, labels), tokens) / len(micro_batches)
+                loss = (loss_of or next_token_loss_of)(model, tokens, labels) / len(micro_batches)
             loss.backward()
         total += loss.detach()
     norm = grad_norm(model.parameters(), grad_clip)

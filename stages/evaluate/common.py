@@ -36,6 +36,8 @@ class Setup:
     image_size: int
     val_split: str
     codebook_size: int
+    code_depth: int = 1  # codes per position (residual quantization)
+    shared_codebook: bool = True
 
     @classmethod
     def of(cls, cfg: PipelineConfig, ctx: StageContext) -> "Setup":
@@ -43,7 +45,8 @@ class Setup:
         check_set_sizes(cfg.evaluate, int(ctx.inputs["ingest"].details.get("num_classes", 1)))
         return cls(ecfg=cfg.evaluate, num_classes=int(ctx.inputs["transformer"].outputs["settings"]["num_classes"]),
                    image_size=int(codes.outputs["image_size"]), val_split=held_out_split(ctx),
-                   codebook_size=int(codes.outputs["codebook_size"]))
+                   codebook_size=int(codes.outputs["codebook_size"]), code_depth=int(codes.outputs.get("depth", 1)),
+                   shared_codebook=bool(codes.outputs.get("shared_codebook", True)))
 
     @property
     def samples_per_set(self) -> int:

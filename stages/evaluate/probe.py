@@ -12,9 +12,10 @@ import numpy as np
 import ray
 
 from pipeline.config import probe_class_token
+from pipeline.data.codes import CodesError, check_code_files
 from pipeline.metrics.extractors import BlockFeatures, stack_codes
 from pipeline.metrics.probe import linear_probe
-from pipeline.models.settings import TransformerSettings
+from pipeline.models.code_models import CodeModelSettings, code_model_settings, position_blocks
 from pipeline.stage import StageContext, StageInputError
 from stages.datasets import shard_dataset
 from stages.evaluate.common import PartResult, Setup, Stopwatch, collect
@@ -28,7 +29,7 @@ def probe(ctx: StageContext, setup: Setup) -> PartResult:
     settings, fed = probed_transformer(ctx)
     # The data's classes, not the model's: an unconditional model has none, its probe still has every label.
     classes = max(int(ctx.inputs["ingest"].details["num_classes"]), 2)
-    blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(settings.shape.depth))
+    blocks = ecfg.probe_blocks if ecfg.probe_blocks is not None else list(range(position_blocks(settings)))
     train_f, val_f = block_features(ctx, setup, blocks)
     result = PartResult(counts={"probe_train": len(train_f["label"]), "probe_val": len(val_f["label"])})
     accuracies = []
@@ -55,16 +56,16 @@ def probe(ctx: StageContext, setup: Setup) -> PartResult:
     return result
 
 
-def probed_transformer(ctx: StageContext) -> tuple[TransformerSettings, str]:
+def probed_transformer(ctx: StageContext) -> tuple[CodeModelSettings, str]:
     """The trained transformer's settings, from the model-config file its manifest names (no weights are
     read), and the token the probe feeds it; a model the probe may not read is refused here, so this is
     cheap to call before any other work."""
     name = ctx.inputs["transformer"].outputs["config"]
-    settings = TransformerSettings.model_validate(ctx.run_dir.read_json(ctx.folder_of("transformer"), name))
+    settings = code_model_settings(ctx.run_dir.read_json(ctx.folder_of("transformer"), name))
     return settings, probe_token(settings, f"the transformer at {ctx.uri_of('transformer', name)}")
 
 
-def probe_token(settings: TransformerSettings, source: str) -> str:
+def probe_token(settings: CodeModelSettings, source: str) -> str:
     """What the probe feeds a trained transformer at its class position (`pipeline.config.probe_class_token`,
     the rule the config is checked against); a conditional model trained without label dropout is refused,
     naming `source`."""
@@ -81,7 +82,14 @@ def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[
     # The plain-view codes are small: read them here, then both splits go through one actor pool (actor
     # start-up dominates at this size). Reading inside the pooled dataset would wait on the pool's CPUs.
     rows: dict[str, list] = {"codes": [], "label": [], "split": []}
-    code_files = ctx.inputs["pretokenize"].outputs["codes"]
+    codes = ctx.inputs["pretokenize"]
+    code_files = codes.outputs["codes"]
+    try:  # the contract of every file read, footers only
+        check_code_files([ctx.run_dir.path(ctx.folder_of("pretokenize"), name) for names in code_files.values()
+                          for name in names], grid=tuple(codes.outputs["grid"]), depth=setup.code_depth,
+                         codebook_size=setup.codebook_size, filesystem=ctx.run_dir.fs)
+    except CodesError as error:
+        raise StageInputError(str(error)) from None
     for split_id, (split, limit) in enumerate((("train", ecfg.probe_train_images),
                                                (val_split, ecfg.probe_val_images))):
         files = [ctx.uri_of("pretokenize", name) for name in code_files[split]]

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.data.shards import iter_samples
 from pipeline.data.transforms import center, to_float
-from pipeline.metrics.codebook import CodebookUsage
+from pipeline.metrics.codebook import CodeStackUsage
 from pipeline.metrics.extractors import ImageFeatures
 from pipeline.metrics.fid import GaussianStats
 from pipeline.metrics.inception_score import inception_score
@@ -73,7 +73,7 @@ def reconstruction(ctx: StageContext, setup: Setup, nets: FeatureNetworks) -> Re
                                      "recon_ssim": float(recon_features["ssim"].mean()),
                                      "recon_images": float(n_recon), "reference_images": float(len(reference))},
                             counts={"recon_images": n_recon, "reference_images": len(reference)})
-    usage = CodebookUsage(setup.codebook_size)
+    usage = CodeStackUsage(setup.codebook_size, setup.code_depth, setup.shared_codebook)
     usage.update(recon_features["codes"].astype(np.int64))
     result.metrics.update({f"recon_{k}": v for k, v in usage.result().items()})
 
