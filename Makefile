@@ -8,13 +8,13 @@ CONFIG ?= configs/demo.yaml
 # In-process clusters (make test, bench) run without auth; the local head of ray-up/demo/sweep-demo requires
 # Ray's token (~/.ray/auth_token, written by scripts/ray_head.sh), and every process talking to it uses token mode.
 export RAY_AUTH_MODE ?= disabled
-ray-up ray-down demo sweep-demo paper-tables: export RAY_AUTH_MODE = token
+ray-up ray-down demo sweep-demo sweep-rq-depth paper-tables: export RAY_AUTH_MODE = token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
 XLA_WHEELS ?= .xla-wheels
 
-.PHONY: setup demo sweep-demo paper-tables paper-tables-input test bench bench-peers ray-up ray-down clean tpu-env \
+.PHONY: setup demo sweep-demo sweep-rq-depth paper-tables paper-tables-input test bench bench-peers ray-up ray-down clean tpu-env \
 	xla-check
 
 setup: $(VENV)/.installed
@@ -41,6 +41,21 @@ sweep-demo: setup ray-up
 		--set ingest.max_images_per_split=5000 --set tokenizer.steps=100 --set tokenizer.adversarial_weight=0 \
 		--set tokenizer.warmup_steps=10 --set tokenizer.val_images=1024 \
 		--set tokenizer.checkpoint_every=50 --set tokenizer.image_every=50
+
+# Residual quantization's depth: the whole pipeline with D = 1, 2, 4, 8 codes per position (tokenizer, pretokenize,
+# RQ-Transformer, evaluate), on the demo data at a shorter budget than the demo's; one trial at a time on 2 cores.
+RQ_SWEEP_DIR ?= $(CURDIR)/runs/sweep-rq-depth
+sweep-rq-depth: setup ray-up
+	bash scripts/submit.sh python jobs/sweep.py --config $(CONFIG) --sweep-dir $(RQ_SWEEP_DIR) \
+		--grid tokenizer.rq_depth=1,2,4,8 --set tokenizer.quantizer=rq --set transformer.kind=rq \
+		--last-stage evaluate --metric evaluate.fid_domain --mode min \
+		--column evaluate.recon_psnr --column evaluate.rfid_domain --column tokenizer.val_perplexity \
+		--column transformer.val_loss_nats --column transformer.train_tokens_per_second_overall \
+		--set ingest.max_images_per_split=10000 --set tokenizer.steps=400 --set tokenizer.checkpoint_every=200 \
+		--set tokenizer.image_every=400 --set tokenizer.val_images=1000 --set transformer.steps=200 \
+		--set evaluate.recon_images=1000 --set evaluate.probe_train_images=0 --set evaluate.inception_fid=false \
+		--set evaluate.inception_images=null \
+		--set pretokenize.cpus_per_actor=1.4 --set evaluate.cpus_per_actor=1.4  # a trial's process needs a sliver
 
 # The paper's Table 4 (lookup dims x l2 normalisation) and Table 1 (ViT vs CNN at equal training time) on CIFAR-10,
 # as Ray Tune sweeps sent to the local head like sweep-demo (the job outlives the terminal; submitting it again

@@ -4,8 +4,9 @@ RQ on 8x8x4 (the same 256 codes as 64 stacks of 4, the RQ-Transformer), with the
 and Transformer steps and batches, and the same evaluation. Then both trained Transformers sample the same
 labels in this process, one after the other, for the sampling time.
 
-    python benchmarks/rq_vs_vq.py --out-dir runs/rq-vs-vq --out benchmarks/results/rq-vs-vq.json
-    python benchmarks/rq_vs_vq.py --data demo                # Fashion-MNIST only
+    python benchmarks/rq_vs_vq.py --data demo --out benchmarks/results/rq-vs-vq-demo.json
+    python benchmarks/rq_vs_vq.py --data cifar10 --out benchmarks/results/rq-vs-vq-cifar10.json
+    python benchmarks/rq_vs_vq.py                            # both data sets, one report
 
 The recipe is the demo's (configs/demo.yaml) at the benchmark's step counts, on both data sets; CIFAR-10 comes
 from ../shared/data/cifar10-jpeg.tar.gz (or --cifar-images, a folder with train/ and test/ class folders).

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", default="fifo", choices=SCHEDULERS, help="asha: early stopping on --metric")
     parser.add_argument("--grace-period", type=int, help="ASHA: training steps before a first cut (default: 1/4)")
     parser.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/this at each rung")
+    parser.add_argument("--column", dest="columns", action="append", default=[], metavar="STAGE.METRIC",
+                        help="a figure for comparison.md and the plots, after --metric (repeatable; every figure "
+                        "is in comparison.csv)")
     args = parser.parse_args(argv)
     try:
         space = dict(parse_search(kind, text) for kind in SEARCH_KINDS for text in getattr(args, kind))
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = SweepSpec(base=base, space=space, last_stage=args.last_stage, metric=args.metric, mode=args.mode,
                          num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                          extra_overrides=args.overrides, scheduler=args.scheduler, grace_period=args.grace_period,
-                         reduction_factor=args.reduction_factor)
+                         reduction_factor=args.reduction_factor, columns=tuple(args.columns))
         points = validate(spec)  # every trial's config, before Ray starts
         print(f"sweep: {len(points)} grid point(s) x {args.num_samples} sample(s), stages "
               f"{spec.first_stage} -> {spec.last_stage}")

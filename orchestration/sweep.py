@@ -68,6 +68,7 @@ class SweepSpec:
     # for settings that must move with a swept one (each architecture's own steps at equal training time).
     value_overrides: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     follow_up: TrialFollowUp | None = None            # run by each trial after its pipeline
+    columns: tuple[str, ...] = ()                     # "<stage>.<metric>" figures comparison.md and the plots show
 
     @property
     def first_stage(self) -> str:
@@ -112,6 +113,9 @@ def validate(spec: SweepSpec) -> list[dict[str, Any]]:
     reached = STAGE_NAMES[:STAGE_NAMES.index(spec.last_stage) + 1]
     if spec.metric is not None and spec.metric.split(".")[0] not in reached:
         raise ConfigError(f"--metric {spec.metric}: use <stage>.<metric> of a stage up to {spec.last_stage}")
+    for column in spec.columns:
+        if "." not in column or column.split(".")[0] not in reached:
+            raise ConfigError(f"--column {column}: use <stage>.<metric> of a stage up to {spec.last_stage}")
     grid_keys = [k for k, (kind, _) in spec.space.items() if kind == "grid"]
     points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*(spec.space[k][1] for k in grid_keys))]
     random_ends = [{k: v for k, (kind, values) in spec.space.items() if kind != "grid" for v in [values[i]]}
@@ -451,7 +455,7 @@ def _comparison_rows(results, spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def _figure_columns(rows: list[dict[str, Any]], spec: SweepSpec) -> list[str]:
-    preferred = [spec.metric] if spec.metric else []
+    preferred = ([spec.metric] if spec.metric else []) + list(spec.columns)
     if spec.follow_up is not None:
         preferred += [f"{spec.follow_up.name}.{column}" for column in spec.follow_up.columns]
     preferred += ["tokenizer.val_usage_per_256", "tokenizer.val_psnr", "evaluate.rfid_domain",

@@ -3,7 +3,8 @@
 The job is stopped with `ray job stop` in the middle of ingest, of the tokenizer, of pretokenize and of the
 transformer, its driver is killed (SIGKILL) in the middle of the transformer, and the same command is
 submitted again each time; the finished run must hold what an uninterrupted run holds, and its evaluation
-every figure with its recipe (`helpers.check_evaluation`)."""
+every figure with its recipe (`helpers.check_evaluation`). The same for a residual quantization run (RQ
+tokenizer, RQ-Transformer), stopped inside its RQ-Transformer stage."""
 import json
 import re
 import signal

@@ -24,7 +24,8 @@ TINY = ["ingest.max_images_per_split=96", "ingest.shard_size=48", "ingest.resolu
 def _spec(values: str = "4,8,16") -> SweepSpec:
     base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     return SweepSpec(base=base, space=dict([parse_search("grid", f"tokenizer.codebook_dim={values}")]),
-                     last_stage="tokenizer", metric="tokenizer.val_usage_per_256", mode="max", extra_overrides=TINY)
+                     last_stage="tokenizer", metric="tokenizer.val_usage_per_256", mode="max", extra_overrides=TINY,
+                     columns=("tokenizer.val_perplexity",))
 
 
 def test_swept_values_read_as_numbers():
@@ -42,6 +43,11 @@ def test_bad_sweeps_are_refused_before_any_work():
     spec = _spec()
     spec.scheduler = "asha"  # final-only metric: nothing to stop on while trials train
     with pytest.raises(ConfigError, match="tokenizer.val_psnr"):
+        validate(spec)
+    spec = _spec()
+    spec.columns = ("evaluate.fid_domain",)  # a figure of a stage the trials never reach
+    with pytest.raises(ConfigError, match="--column evaluate.fid_domain: use <stage>.<metric> of a stage up to "
+                                          "tokenizer"):
         validate(spec)
 
 
@@ -92,6 +98,10 @@ def test_three_trial_sweep_shares_ingest_and_reports_to_mlflow(ray_cluster, tmp_
     assert sorted(run.data.params["tokenizer.codebook_dim"] for run in children) == ["16", "4", "8"]
     artifacts = {a.path for a in client.list_artifacts(sweep.info.run_id)}
     assert {"comparison.csv", "comparison.md", "plot_tokenizer_codebook_dim.png"} <= artifacts
+    # The table shows the metric, then the asked-for columns, then the usual figures the trials have.
+    header = (root / "comparison.md").read_text().splitlines()[0]
+    assert header == ("| tokenizer.codebook_dim | tokenizer.val_usage_per_256 | tokenizer.val_perplexity | "
+                      "tokenizer.val_psnr | status |")
 
     # The same sweep again: Tune restores the finished experiment and no trial trains again.
     committed = {d: (d / "tokenizer" / "_MANIFEST.json").stat().st_mtime_ns for d in trial_dirs}
