@@ -51,8 +51,9 @@ sweep-rq-depth: setup ray-up
 		--last-stage evaluate --metric evaluate.fid_domain --mode min \
 		--column evaluate.recon_psnr --column evaluate.rfid_domain --column tokenizer.val_perplexity \
 		--column transformer.val_loss_nats --column transformer.train_tokens_per_second_overall \
-		--set ingest.max_images_per_split=10000 --set tokenizer.steps=400 --set tokenizer.checkpoint_every=200 \
-		--set tokenizer.image_every=400 --set tokenizer.val_images=1000 --set transformer.steps=200 \
+		--set ingest.max_images_per_split=5000 --set tokenizer.steps=300 --set tokenizer.checkpoint_every=150 \
+		--set tokenizer.image_every=300 --set tokenizer.val_images=1000 --set transformer.steps=150 \
+		--set transformer.decay_start=75 --set transformer.checkpoint_every=75 --set transformer.eval_every=75 \
 		--set evaluate.recon_images=1000 --set evaluate.probe_train_images=0 --set evaluate.inception_fid=false \
 		--set evaluate.inception_images=null \
 		--set pretokenize.cpus_per_actor=1.4 --set evaluate.cpus_per_actor=1.4  # a trial's process needs a sliver

@@ -58,7 +58,8 @@ def _setup(ctx: StageContext, cfg: PipelineConfig):
     num_classes = int(ctx.inputs["ingest"].details.get("num_classes", 1))
     check_set_sizes(cfg.evaluate, num_classes)
     return Setup(ecfg=cfg.evaluate, num_classes=num_classes, image_size=cfg.tokenizer.image_size,
-                 val_split=held_out_split(ctx), codebook_size=cfg.tokenizer.codebook_size)
+                 val_split=held_out_split(ctx), codebook_size=cfg.tokenizer.codebook_size,
+                 code_depth=cfg.tokenizer.code_depth, shared_codebook=cfg.tokenizer.rq_shared_codebook)
 
 
 def train_shared_classifier(data_dir: str, cfg: PipelineConfig) -> Path:

@@ -31,3 +31,17 @@ def shard_dataset(ctx: StageContext, split: str, files: list[str] | None = None,
 def held_out_split(ctx: StageContext) -> str:
     """The split for validation: `val` when ingest wrote one, else `train`."""
     return "val" if "val" in ctx.inputs["ingest"].outputs["shards"] else "train"
+
+
+def code_dataset(files: list[str], read_cpus: float | None = None, columns: list[str] | None = None) -> ray.data.Dataset:
+    """Pretokenize's Parquet code files (locations workers can open) as a dataset, every task at `read_cpus`.
+
+    Through Ray Data's V1 Parquet reader: the V2 one (Ray 2.60's default) first runs a file-listing task that
+    asks for a whole CPU whatever `num_cpus` says, and a sweep trial on 2 cores (its workers plus the trial's
+    own sliver) never has a whole one free, so the stage would wait forever. The paths are listed already."""
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, num_cpus=read_cpus, columns=columns)
+    finally:
+        context.use_datasource_v2 = previous

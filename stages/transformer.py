@@ -240,8 +240,7 @@ def tokenizer_codebook(ctx: StageContext) -> np.ndarray:
 
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
-    import ray
-
+    from stages.datasets import code_dataset
     from stages.training import train_and_export
 
     codes, ingest = ctx.inputs["pretokenize"], ctx.inputs["ingest"]
@@ -250,9 +249,8 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
              for split, names in codes.outputs["codes"].items()}
     val_split = "val" if files.get("val") else "train"
     read = tcfg.resources.read_cpus  # what a sweep trial counts beside its workers (orchestration/sweep.py)
-    train = (ray.data.read_parquet(files["train"], num_cpus=read)
-             .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
-    val = (ray.data.read_parquet(files[val_split], num_cpus=read).filter(lambda row: row["view"] == 0, num_cpus=read)
+    train = code_dataset(files["train"], read).map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read)
+    val = (code_dataset(files[val_split], read).filter(lambda row: row["view"] == 0, num_cpus=read)
            .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
     depth = int(codes.outputs.get("depth", 1))
     settings = tcfg.model_settings(

@@ -17,7 +17,7 @@ from pipeline.metrics.extractors import BlockFeatures, stack_codes
 from pipeline.metrics.probe import linear_probe
 from pipeline.models.code_models import CodeModelSettings, code_model_settings, position_blocks
 from pipeline.stage import StageContext, StageInputError
-from stages.datasets import shard_dataset
+from stages.datasets import code_dataset, shard_dataset
 from stages.evaluate.common import PartResult, Setup, Stopwatch, collect
 
 
@@ -93,7 +93,7 @@ def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[
     for split_id, (split, limit) in enumerate((("train", ecfg.probe_train_images),
                                                (val_split, ecfg.probe_val_images))):
         files = [ctx.uri_of("pretokenize", name) for name in code_files[split]]
-        plain = collect(ray.data.read_parquet(files, columns=["codes", "label", "view"]).filter(
+        plain = collect(code_dataset(files, ecfg.cpus_per_task, columns=["codes", "label", "view"]).filter(
             expr="view == 0").limit(limit))  # the first `limit` plain rows in file order (`collect` keeps order)
         rows["codes"].extend(stack_codes(plain["codes"]))
         rows["label"].extend(plain["label"].tolist())
