@@ -38,10 +38,11 @@ def code_dataset(files: list[str], read_cpus: float | None = None, columns: list
 
     Through Ray Data's V1 Parquet reader: the V2 one (Ray 2.60's default) first runs a file-listing task that
     asks for a whole CPU whatever `num_cpus` says, and a sweep trial on 2 cores (its workers plus the trial's
-    own sliver) never has a whole one free, so the stage would wait forever. The paths are listed already."""
+    own sliver) never has a whole one free, so the stage would wait forever. The paths are listed already.
+    No Hive partitioning: a sweep trial's folder (`trials/rq_depth=1_<hash>/`) would become a column."""
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(files, num_cpus=read_cpus, columns=columns)
+        return ray.data.read_parquet(files, num_cpus=read_cpus, columns=columns, partitioning=None)
     finally:
         context.use_datasource_v2 = previous

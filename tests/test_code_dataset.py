@@ -15,8 +15,10 @@ from stages.datasets import code_dataset
 def test_code_files_read_while_no_whole_cpu_is_free(ray_cluster, tmp_path):
     meta = CodesMeta(grid=(2, 2), codebook_size=16, tokenizer_sha256="ab")
     paths = []
+    folder = tmp_path / "trials" / "rq_depth=1_abc123" / "codes"  # a sweep trial's folder: not a partition key
+    folder.mkdir(parents=True)
     for part in range(3):
-        path = str(tmp_path / f"part-{part}.parquet")
+        path = str(folder / f"part-{part}.parquet")
         codes = np.full((4, 2, 2), part)
         pq.write_table(codes_table([f"k{part}-{i}" for i in range(4)], [part] * 4, [0] * 4, codes, meta), path)
         paths.append(path)
@@ -33,6 +35,7 @@ def test_code_files_read_while_no_whole_cpu_is_free(ray_cluster, tmp_path):
         assert not reader.is_alive(), "reading the code files waited for a CPU that is never free"
     finally:
         remove_placement_group(busy)
+    assert all(set(row) == {"key", "label", "view", "codes"} for row in rows)
     assert sorted(row["key"] for row in rows) == sorted(f"k{p}-{i}" for p in range(3) for i in range(4))
     assert all(list(row["codes"]) == [int(row["label"])] * 4 for row in rows)
     assert ray.data.DataContext.get_current().use_datasource_v2  # the global setting is left as it was
