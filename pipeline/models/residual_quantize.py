@@ -223,12 +223,6 @@ class StoredStackLabels:
     def __init__(self, table: torch.Tensor, codebook_size: int, depth: int, shared: bool):
         self.table, self.size, self.depth, self.shared = table.float(), codebook_size, depth, shared
 
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], codebook_size: int, depth: int, shared: bool,
-                   device=None) -> "StoredStackLabels":
-        """From a tokenizer's state dict (its `quantizer.codebook`, the lookup table)."""
-        return cls(state["quantizer.codebook"].to(device), codebook_size, depth, shared)
-
     def _books(self) -> list[torch.Tensor]:
         if self.shared:
             return [self.table] * self.depth
