@@ -26,7 +26,7 @@ from pipeline.data.codes import INT16_MAX, CodesMeta, codes_matrix, codes_table,
 from pipeline.data.transforms import to_float
 from pipeline.data.views import VIEW_IDS, view_rows
 from pipeline.device import exact_fp32, inference_device
-from pipeline.metrics.codebook import CodebookUsage
+from pipeline.metrics.codebook import CodeStackUsage
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE
 from pipeline.models.settings import TokenizerSettings
 from pipeline.models.tokenizer import load_tokenizer
@@ -338,7 +338,7 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     metrics: dict[str, float] = {}
     for split, split_pieces in pieces.items():
         meta, expected = metas[split], ingest.counts[split]["images"]
-        histogram = np.zeros(meta.depth * meta.codebook_size, np.int64)
+        usage = CodeStackUsage(meta.codebook_size, meta.depth, shared)
         split_files: list[str] = []
         rows = images = 0
         for piece in split_pieces:
@@ -346,25 +346,17 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
             split_files += [f"{split}/{name}" for name in done["files"]]
             rows += done["rows"]
             images += done["images"]
-            histogram += np.asarray(done["histogram"], np.int64)
+            usage.add_counts(done["histogram"])
         if images != expected:
             raise PretokenizeError(f"{split}: encoded {images} images but the ingest manifest has {expected}")
-        by_depth = histogram.reshape(meta.depth, meta.codebook_size)
-        usage = CodebookUsage(meta.codebook_size * (1 if shared else meta.depth))
-        usage.histogram += by_depth.sum(0) if shared else histogram  # a shared book: each code over all depths
-        stats = usage.result()
+        stats = usage.result()  # whole-split figures over the table, and per depth (`_depth<d>`) under RQ
         outputs[split] = split_files
         counts[split] = {"rows": rows, "images": images, "files": len(split_files)}
-        metrics.update({f"{split}_rows": float(rows), f"{split}_images": float(images),
-                        f"{split}_usage_split": stats["usage_split"], f"{split}_perplexity": stats["perplexity"],
-                        f"{split}_dead_codes": stats["dead_codes"]})
-        for level in range(meta.depth if meta.depth > 1 else 0):
-            at_level = CodebookUsage(meta.codebook_size)
-            at_level.histogram += by_depth[level]
-            metrics.update({f"{split}_{name}_depth{level}": value for name, value in at_level.result().items()
-                            if name in ("usage_split", "perplexity")})
-        ctx.tracker.log_dict({"codebook_size": meta.codebook_size, "depth": meta.depth,
-                              "histogram": by_depth.tolist() if meta.depth > 1 else histogram.tolist()},
+        metrics.update({f"{split}_rows": float(rows), f"{split}_images": float(images)})
+        metrics.update({f"{split}_{name}": value for name, value in stats.items()  # per 256 needs the images
+                        if name.split("_depth")[0] in ("usage_split", "perplexity", "dead_codes")})
+        by_depth = [level.histogram.tolist() for level in usage.depths] or usage.table.histogram.tolist()
+        ctx.tracker.log_dict({"codebook_size": meta.codebook_size, "depth": meta.depth, "histogram": by_depth},
                              f"code_histogram_{split}.json")
     run_dir.delete(folder, PROGRESS)
     run_dir.delete(folder, STAGING)

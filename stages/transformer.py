@@ -85,7 +85,8 @@ def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) ->
     """Mean NLL in nats per code over up to `val_images` plain-view val images (`val_loss_nats`); for the
     RQ-Transformer also per depth (`val_loss_nats_depth<d>`), on the stored codes."""
     model.eval()
-    total, per_depth, codes_seen, images = 0.0, 0.0, 0, 0
+    total, codes_seen, images = 0.0, 0, 0
+    per_depth = None  # the RQ-Transformer's summed loss per depth
     for batch in shard.iter_torch_batches(batch_size=256, dtypes={c: torch.int64 for c in COLUMNS}):
         codes = batch["codes"][: cfg.val_images - images].to(backend.device)
         labels = batch["label"][: len(codes)].to(backend.device)
@@ -94,7 +95,8 @@ def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) ->
             if isinstance(model, RQTransformer):
                 stacks = model.stacks(codes)
                 loss, depths = code_stack_loss(model(stacks, labels), stacks)
-                per_depth = per_depth + depths.double().cpu() * codes.numel()
+                weighted = depths.double().cpu() * codes.numel()
+                per_depth = weighted if per_depth is None else per_depth + weighted
             else:
                 loss = next_token_loss(model(codes, labels), codes)
         total += float(loss) * codes.numel()
@@ -104,7 +106,7 @@ def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) ->
             break
     model.train()
     figures = {"val_loss_nats": total / max(codes_seen, 1)}
-    if isinstance(per_depth, torch.Tensor):
+    if per_depth is not None:
         figures.update({f"val_loss_nats_depth{d}": float(v) / codes_seen for d, v in enumerate(per_depth)})
     return figures
 

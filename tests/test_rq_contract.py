@@ -86,6 +86,12 @@ def test_per_depth_codebook_figures_match_counts_known_by_hand():
     separate = CodeStackUsage(4, depth=2, shared=False, images_per_batch=2)
     separate.update(codes)
     assert separate.result()["usage_split"] == 4 / 8  # two books of 4: codes 0, 1 of the first, 1, 3 of the second
+    # Counts gathered elsewhere (pretokenize's pieces) give the same whole-split figures as the codes did.
+    for is_shared, usage in ((True, shared), (False, separate)):
+        counted = CodeStackUsage(4, depth=2, shared=is_shared)
+        counted.add_counts(np.stack([np.bincount(codes[..., d].ravel(), minlength=4) for d in range(2)]))
+        split_figures = {k: v for k, v in usage.result().items() if "per_256" not in k}
+        assert {k: v for k, v in counted.result().items() if "per_256" not in k} == split_figures
     plain = CodeStackUsage(4)
     plain.update(codes[..., 0])
     assert set(plain.result()) == {"usage_per_256", "usage_split", "perplexity", "dead_codes"}

@@ -56,6 +56,14 @@ class CodeStackUsage:
         self.table = CodebookUsage(codebook_size * (1 if shared else depth), images_per_batch)
         self.depths = [CodebookUsage(codebook_size, images_per_batch) for _ in range(depth)] if depth > 1 else []
 
+    def add_counts(self, by_depth: np.ndarray) -> None:
+        """Code counts gathered elsewhere, (depth, codebook_size): they add to the whole-split figures
+        (usage_split, perplexity, dead_codes), not to the per-256 ones, which need the images."""
+        by_depth = np.asarray(by_depth, np.int64).reshape(self.depth, self.size)
+        self.table.histogram += by_depth.sum(0) if self.shared else by_depth.ravel()
+        for depth, usage in enumerate(self.depths):
+            usage.histogram += by_depth[depth]
+
     def update(self, codes: np.ndarray) -> None:
         codes = np.asarray(codes).reshape(len(codes), -1, self.depth)
         offsets = 0 if self.shared else np.arange(self.depth) * self.size

@@ -25,15 +25,18 @@ def code_model_settings(data: dict) -> CodeModelSettings:
     return (RQTransformerSettings if "code_depth" in data else TransformerSettings).model_validate(data)
 
 
+def _model_class(settings: CodeModelSettings) -> type[CodeModel]:
+    return RQTransformer if isinstance(settings, RQTransformerSettings) else VIMTransformer
+
+
 def build_code_model(settings: CodeModelSettings) -> CodeModel:
-    return RQTransformer(settings) if isinstance(settings, RQTransformerSettings) else VIMTransformer(settings)
+    return _model_class(settings)(settings)
 
 
 def load_code_model(folder: str | Path, device: str | torch.device = "cpu") -> CodeModel:
     """The trained model in `folder` (config.json + model.safetensors), in eval mode."""
     settings = code_model_settings(json.loads((Path(folder) / SETTINGS_FILE).read_text()))
-    model_class = RQTransformer if isinstance(settings, RQTransformerSettings) else VIMTransformer
-    return load_model(model_class, type(settings), folder, device)
+    return load_model(_model_class(settings), type(settings), folder, device)
 
 
 def position_blocks(settings: CodeModelSettings) -> int:

@@ -47,7 +47,7 @@ class ResidualQuantizer(VectorQuantizer):
         return torch.arange(depths, device=device) * self.codebook_size
 
     def _book(self, table: torch.Tensor, depth: int) -> torch.Tensor:
-        return table if self.shared else table[depth * self.codebook_size:(depth + 1) * self.codebook_size]
+        return depth_book(table, depth, self.codebook_size, self.shared)
 
     def _latent(self, z: torch.Tensor) -> torch.Tensor:
         latent = self.proj_in(z)
@@ -188,6 +188,11 @@ class ResidualQuantizer(VectorQuantizer):
         return dict(zip(names, values))
 
 
+def depth_book(table: torch.Tensor, depth: int, codebook_size: int, shared: bool) -> torch.Tensor:
+    """Depth `depth`'s codebook in the table: all of it when shared, else its own `codebook_size` rows."""
+    return table if shared else table[depth * codebook_size:(depth + 1) * codebook_size]
+
+
 @torch.no_grad()
 def soft_residual_codes(latent: torch.Tensor, books: list[torch.Tensor], temperature: float, stochastic: bool,
                         generator: torch.Generator | None = None,
@@ -223,16 +228,11 @@ class StoredStackLabels:
     def __init__(self, table: torch.Tensor, codebook_size: int, depth: int, shared: bool):
         self.table, self.size, self.depth, self.shared = table.float(), codebook_size, depth, shared
 
-    def _books(self) -> list[torch.Tensor]:
-        if self.shared:
-            return [self.table] * self.depth
-        return [self.table[d * self.size:(d + 1) * self.size] for d in range(self.depth)]
-
     def __call__(self, stacks: torch.Tensor, temperature: float, stochastic: bool,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacks (B, L, D) -> (targets (B, L, D, K), the stacks the targets go with): resampled depth by depth
         when `stochastic`; else the stored ones, each depth's target taken at the residual they leave."""
-        books = self._books()
+        books = [depth_book(self.table, d, self.size, self.shared) for d in range(self.depth)]
         rows = stacks.reshape(-1, self.depth).to(self.table.device)
         latent = sum(book[rows[:, d]] for d, book in enumerate(books))
         targets, codes = soft_residual_codes(latent, books, temperature, stochastic, generator, known=rows)

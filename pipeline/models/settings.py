@@ -171,7 +171,7 @@ class TokenizerSettings(QuantizerSettings, RQSettings, NobleSettings):
     @property
     def code_shape(self) -> tuple[int, ...]:
         """An image's codes: (grid, grid), or (grid, grid, depth) under residual quantization."""
-        return (self.grid, self.grid) + ((self.rq_depth,) if self.quantizer == "rq" else ())
+        return (self.grid, self.grid) + ((self.code_depth,) if self.quantizer == "rq" else ())
 
     @property
     def cnn_levels(self) -> tuple[int, ...]:

@@ -108,8 +108,8 @@ class ViTVQGAN(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, *settings.code_shape), or the same flattened per image as the Parquet rows hold them ->
         images (B, 3, H, W) in [0, 1]."""
-        stacks = (self.settings.code_depth,) if self.settings.quantizer == "rq" else ()
-        vectors = self.quantizer.embed(codes.reshape(codes.shape[0], self.settings.grid ** 2, *stacks))
+        per_position = self.settings.code_shape[2:]  # (D,) under residual quantization, else ()
+        vectors = self.quantizer.embed(codes.reshape(codes.shape[0], self.settings.grid ** 2, *per_position))
         return self._pixels(self.decoder(self.bridge(vectors))).clamp(0, 1)
 
 
