@@ -58,7 +58,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
     "default": Size(
-        "default", dims=(4, 8, 16, 32, 64, 128), steps=300, table1_seconds=120.0, calibration_steps=30,
+        "default", dims=(4, 8, 16, 32, 64, 128), steps=200, table1_seconds=120.0, calibration_steps=30,
         overrides=("ingest.max_images_per_split=20000",),
         leaves_out="the paper's 256 row (the mini encoder is 128 wide; S, the next preset, trains ~14x slower "
                    "here), its discriminator and perceptual loss, and its scale (ImageNet at 256 px, 500k steps)"),
@@ -67,7 +67,7 @@ SIZES: dict[str, Size] = {
         overrides=("ingest.max_images_per_split=3000", "tokenizer.val_images=256", "evaluate.recon_images=300",
                    "evaluate.reference_images=600", "evaluate.samples_per_class=30",
                    "evaluate.domain_train_images=2000", "evaluate.domain_epochs=2"),
-        leaves_out="against the default size: lookup dims 8, 16 and 64; 240 of the 300 training steps per "
+        leaves_out="against the default size: lookup dims 8, 16 and 64; 140 of the 200 training steps per "
                    "Table 4 trial; 95 of the 120 training seconds per Table 1 architecture and 18 of the 30 "
                    "calibration steps; 17k of the 20k train images and 7k of the 10k val images ingested; 700 of "
                    "the 1000 reconstructed and 1400 of the 2000 reference val images; 3000 of the 5000 train images "
