@@ -232,6 +232,7 @@ def _search_space(spec: SweepSpec) -> dict[str, Any]:
 # The trial's own process only waits on its stages, which request their resources themselves; Tune refuses
 # an empty request, so it holds a token CPU, which counts like any other.
 TRIAL_PROCESS_CPUS = 0.01
+TRIAL_RETRIES = 1  # a failed trial runs once more, from its committed stages
 
 
 def stage_resources(section) -> dict[str, float]:
@@ -376,7 +377,11 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, max_concurrent_trials=concurrency, scheduler=scheduler,
             metric=spec.metric, mode=spec.mode if spec.metric else None),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_stopped_trial_callback()]))
+            # One retry per trial: Ray Data has failed a trial's evaluation once in a long sweep on a transient
+            # scheduling error (ActorUnschedulableError from its actor-location lookup); the retry skips the
+            # trial's committed stages and resumes the rest.
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_stopped_trial_callback()],
+                                      failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)))
     results = tuner.fit()
     rows = _comparison_rows(results, spec)
     for row in rows:  # also after a restore (no callback then); releasing twice is harmless

@@ -110,6 +110,32 @@ def test_three_trial_sweep_shares_ingest_and_reports_to_mlflow(ray_cluster, tmp_
     assert committed == {d: (d / "tokenizer" / "_MANIFEST.json").stat().st_mtime_ns for d in trial_dirs}
 
 
+class FailsOnce:
+    """A follow-up that fails a trial the first time it runs there, as a transient error would."""
+
+    name, section, columns = "flaky", "ingest", ("calls",)
+
+    def __call__(self, trial_dir: Path, cfg) -> dict[str, float]:
+        marker = trial_dir / "flaky-calls"
+        calls = int(marker.read_text()) + 1 if marker.exists() else 1
+        marker.write_text(str(calls))
+        if calls == 1:
+            raise RuntimeError("a transient failure")
+        return {"calls": calls}
+
+
+def test_a_trial_that_fails_once_is_retried_from_its_committed_stages(ray_cluster, tmp_path):
+    spec = _spec("4")
+    spec.follow_up = FailsOnce()
+    summary = run_sweep(spec, str(tmp_path / "sweep"))
+    (row,) = summary["rows"]
+    assert row["status"] == "completed" and float(row["flaky.calls"]) == 2
+    client = MlflowClient(sweep_tracking_uri(summary["root"]))
+    assert client.get_run(summary["sweep_run_id"]).data.metrics["errored_trials"] == 0
+    tokenizer_runs = client.search_runs([summary["experiment_id"]], "tags.mlflow.runName = 'tokenizer'")
+    assert len(tokenizer_runs) == 1  # the retry found the tokenizer committed and did not train it again
+
+
 def test_asha_stops_the_trial_that_falls_behind(ray_cluster, tmp_path):
     # On 2 CPUs trials run one at a time in grid order: the learning trial sets the rung at step 4, the
     # frozen one (lr 1e-9) reaches it below the cut and is stopped before it commits its tokenizer.
