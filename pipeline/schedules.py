@@ -1,5 +1,5 @@
-"""Learning-rate schedules as multipliers of the peak rate: the training loops multiply the peak by them
-and set each optimizer group's lr every step."""
+"""Schedules by step: learning-rate multipliers of the peak rate (the training loops multiply the peak by them
+and set each optimizer group's lr every step), and the ramps of self-distillation's teacher."""
 from __future__ import annotations
 
 import math
@@ -22,3 +22,16 @@ def warmup_hold_exponential(step: int, warmup: int, decay_start: int, total: int
         return 1.0
     progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return floor_ratio ** progress
+
+
+def cosine_ramp(step: int, total: int, start: float, end: float) -> float:
+    """From `start` at step 0 to `end` at `total` along a half cosine (DINO's teacher momentum: 0.996 -> 1)."""
+    progress = min(1.0, step / max(1, total))
+    return end - (end - start) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear_ramp(step: int, steps: int, start: float, end: float) -> float:
+    """From `start` to `end` over the first `steps` steps, then `end` (DINO's teacher temperature: 0.04 -> 0.07)."""
+    if steps <= 0 or step >= steps:
+        return end
+    return start + (end - start) * step / steps

@@ -2,10 +2,12 @@
 each trial is a child MLflow run of the sweep run, and the comparison table and plot reach MLflow. ASHA
 stops a trial that falls behind while it trains."""
 import csv
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -15,6 +17,8 @@ from orchestration.sweep import (SweepSpec, parse_search, plan_concurrency, run_
                                   trial_config, trial_resources, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
+# Ray's workers do not see tests/: this module's classes travel to them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 TINY = ["ingest.max_images_per_split=96", "ingest.shard_size=48", "ingest.resolution=16",
         "ingest.cpus_per_task=0.5", "tokenizer.image_size=16", "tokenizer.codebook_size=64",
         "tokenizer.steps=8", "tokenizer.batch_size=16", "tokenizer.adversarial_weight=0",

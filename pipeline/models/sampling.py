@@ -56,15 +56,21 @@ def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
 
 @torch.no_grad()
 def sample_tokens(model: VIMTransformer, labels: torch.Tensor | None, settings: SamplingSettings,
-                  generator: torch.Generator, batch: int | None = None) -> torch.Tensor:
-    """Token grids (B, L) for the given labels (or `batch` unconditional samples)."""
+                  generator: torch.Generator, batch: int | None = None,
+                  condition: torch.Tensor | None = None) -> torch.Tensor:
+    """Token grids (B, L) for the given labels (or `batch` unconditional samples); `condition` (B, P): the
+    prefix a PrefixTransformer decodes from (DiGIT's SSL tokens)."""
     device = model.head.weight.device
-    count = len(labels) if labels is not None else batch
+    count = len(labels) if labels is not None else len(condition) if condition is not None else batch
     labels_in, guided = conditioning_rows(labels, settings.guidance_scale, model.settings.label_dropout,
                                           model.settings.null_class, device)
     rows = len(labels_in) if labels_in is not None else count
     cache = model.new_cache(rows, device)
-    logits = model.prefill(labels_in, cache)
+    if condition is None:
+        logits = model.prefill(labels_in, cache)
+    else:
+        condition = condition.to(device)
+        logits = model.prefill(labels_in, cache, condition=torch.cat([condition, condition]) if guided else condition)
     tokens = torch.empty(count, model.settings.length, dtype=torch.long, device=device)
     for position in range(model.settings.length):
         if guided:

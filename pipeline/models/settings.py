@@ -301,3 +301,37 @@ class RQTransformerSettings(NobleSettings, CodeGrid):
     @property
     def shape(self) -> RQSize:
         return RQ_SIZES[self.size]
+
+
+# ---- DiGIT's self-supervised encoder ----------------------------------------------------------------------------
+
+class SSLEncoderSettings(ModelSettings):
+    """A ViT trained by DINO-style self-distillation, whose patch features K-means turns into DiGIT's tokens."""
+
+    size: VIT_SIZE_NAMES = Field("tiny", description="the ViT preset (VIT_SIZES)")
+    image_size: Int = Field(28, ge=1, description="the global crops' side; local crops are smaller")
+    patch_size: Int = Field(4, ge=1, description="pixels per token side: the token grid is image_size / patch_size")
+    channels: Literal[1, 3] = Field(3, description="colour channels the encoder reads (1: grey data)")
+    feature_block: Int = Field(-3, description="the block whose output (after the final LayerNorm) K-means "
+                               "clusters, counted from the end as in DiGIT (-3: the third-from-last block)")
+    head_hidden: Int = Field(512, ge=1, description="the projection head's hidden width")
+    head_bottleneck: Int = Field(128, ge=1, description="the projection head's l2-normalised bottleneck")
+    prototypes: Int = Field(1024, ge=2, description="the head's output width: the self-distillation classes")
+
+    @property
+    def shape(self) -> ViTSize:
+        return VIT_SIZES[self.size]
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SSLEncoderSettings":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ssl image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        depth = self.shape.depth
+        if not -depth <= self.feature_block < depth:
+            raise ValueError(f"ssl feature_block {self.feature_block}: the {self.size} ViT has {depth} blocks, so "
+                             f"it must lie in {-depth}..{depth - 1}")
+        return self
