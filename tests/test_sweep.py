@@ -136,8 +136,14 @@ def test_a_trial_that_fails_once_is_retried_from_its_committed_stages(ray_cluste
     assert row["status"] == "completed" and float(row["flaky.calls"]) == 2
     client = MlflowClient(sweep_tracking_uri(summary["root"]))
     assert client.get_run(summary["sweep_run_id"]).data.metrics["errored_trials"] == 0
-    tokenizer_runs = client.search_runs([summary["experiment_id"]], "tags.mlflow.runName = 'tokenizer'")
-    assert len(tokenizer_runs) == 1  # the retry found the tokenizer committed and did not train it again
+    # The retry found the tokenizer committed and did not train it again: one tokenizer run under this sweep's
+    # pipeline runs (the store may hold other sweeps' runs).
+    experiment = [summary["experiment_id"]]
+    pipelines = {run.info.run_id for run in client.search_runs(
+        experiment, f"tags.mlflow.parentRunId = '{summary['sweep_run_id']}'")}
+    tokenizer_runs = [run for run in client.search_runs(experiment, "tags.mlflow.runName = 'tokenizer'")
+                      if run.data.tags.get("mlflow.parentRunId") in pipelines]
+    assert pipelines and len(tokenizer_runs) == 1
 
 
 def test_asha_stops_the_trial_that_falls_behind(ray_cluster, tmp_path):
