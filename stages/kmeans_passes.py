@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.models.kmeans import ClusterSums, kmeans_plus_plus
+from pipeline.models.kmeans import ClusterSums
 
 Featurize = Callable[[dict[str, np.ndarray]], torch.Tensor]
 FeaturizerFactory = Callable[[], Featurize]
@@ -106,7 +106,3 @@ def fit_kmeans(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, in
         if on_iteration is not None:
             on_iteration(iteration, centroids, total.inertia)
     return centroids, inertia
-
-
-def initial_centroids(sample: torch.Tensor, clusters: int, seed: int) -> torch.Tensor:
-    return kmeans_plus_plus(sample, clusters, torch.Generator().manual_seed(seed))

@@ -56,7 +56,7 @@ def test_lloyd_recovers_separated_blobs_and_never_raises_inertia():
     assignments, _ = nearest_centroids(features, centroids)
     assert cluster_purity(assignments, labels, 5, 5) == 1.0
     # the same result from one batch: chunking does not change Lloyd
-    whole, whole_inertia = lloyd(features, initial, iterations=10, batch=len(features))
+    whole, _ = lloyd(features, initial, iterations=10, batch=len(features))
     torch.testing.assert_close(whole, centroids, rtol=0, atol=1e-5)
 
 

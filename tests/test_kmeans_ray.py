@@ -6,8 +6,8 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.models.kmeans import ClusterSums, lloyd
-from stages.kmeans_passes import cluster_sums, feature_sample, fit_kmeans, initial_centroids
+from pipeline.models.kmeans import ClusterSums, kmeans_plus_plus, lloyd
+from stages.kmeans_passes import cluster_sums, feature_sample, fit_kmeans
 
 DIM, PATCHES = 5, 9
 # Ray's workers do not see tests/: this module's classes travel to them by value.
@@ -38,7 +38,7 @@ def test_distributed_lloyd_equals_the_single_process_reference(ray_cluster):
     data = images()
     dataset = ray_cluster.data.from_items([{"patches": row} for row in data], override_num_blocks=7)
     features = torch.from_numpy(data).reshape(-1, DIM) * 2.0
-    initial = initial_centroids(features, 6, seed=0).double()
+    initial = kmeans_plus_plus(features, 6, torch.Generator().manual_seed(0)).double()
     expected, expected_inertia = lloyd(features, initial, iterations=4)
     seen = []
     centroids, inertia = fit_kmeans(dataset, PatchFeatures(2.0), initial, iterations=4, actors=2, batch_size=11,

@@ -75,13 +75,6 @@ class ClusterSums:
         means = self.sums / self.counts.clamp_min(1)[:, None].double()
         return torch.where(filled[:, None], means, previous.double()).to(previous.dtype)
 
-    def to_state(self) -> dict[str, torch.Tensor]:
-        return {"sums": self.sums, "counts": self.counts, "inertia": torch.tensor(self.inertia, dtype=torch.float64)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "ClusterSums":
-        return cls(state["sums"], state["counts"], float(state["inertia"]))
-
 
 @torch.no_grad()
 def kmeans_plus_plus(sample: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:

@@ -58,12 +58,6 @@ class PrefixTransformer(VIMTransformer):
             x = block(x)
         return self.head(self.norm(x[:, self.settings.prefix_length:]))
 
-    def new_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
-        shape = self.settings.shape
-        device = device or self.head.weight.device
-        return KVCache(shape.depth, batch, shape.heads, 1 + self.settings.prefix_length + self.settings.length,
-                       shape.dim // shape.heads, device, dtype)
-
     @torch.no_grad()
     def prefill(self, labels: torch.Tensor | None, cache: KVCache,  # type: ignore[override]
                 condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,10 +79,8 @@ class PrefixTransformer(VIMTransformer):
             count -= self.prefix_embedding.weight.numel() + self.prefix_position.numel()
         return count
 
-    def flops_per_token(self) -> float:
-        shape = self.settings.shape
-        context = self.settings.length + self.settings.prefix_length
-        return 6 * self.parameter_count() + 12 * shape.depth * shape.dim * context
+    def context_length(self) -> int:
+        return self.settings.prefix_length + self.settings.length
 
 
 def save_prefix_transformer(model: PrefixTransformer, folder: str | Path) -> None:

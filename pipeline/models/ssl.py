@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.models.io import load_model, save_model
 from pipeline.models.settings import SSLEncoderSettings
-from pipeline.models.vit import Block, sincos_2d
+from pipeline.models.vit import Block, init_weights, sincos_2d
 
 
 class SSLViT(nn.Module):
@@ -36,11 +36,7 @@ class SSLViT(nn.Module):
         self.register_buffer("pos", sincos_2d(settings.grid, settings.grid, shape.dim), persistent=False)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_weights(self)
         # Xavier for the patch embedding, as in the tokenizer: at std 0.02 the unit-scale positions would drown
         # the pixels and every image would start with the same output (the head then collapses at once).
         nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))

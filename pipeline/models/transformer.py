@@ -165,7 +165,7 @@ class VIMTransformer(nn.Module):
     def new_cache(self, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
         shape = self.settings.shape
         device = device or self.head.weight.device
-        return KVCache(shape.depth, batch, shape.heads, self.settings.length + 1, shape.dim // shape.heads,
+        return KVCache(shape.depth, batch, shape.heads, self.context_length() + 1, shape.dim // shape.heads,
                        device, dtype)
 
     def _run_cached(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -199,7 +199,11 @@ class VIMTransformer(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 N (non-embedding weights) + 12 layers x dim x context (attention)."""
         shape = self.settings.shape
-        return 6 * self.parameter_count() + 12 * shape.depth * shape.dim * self.settings.length
+        return 6 * self.parameter_count() + 12 * shape.depth * shape.dim * self.context_length()
+
+    def context_length(self) -> int:
+        """Positions a token attends over besides the class slot: the image's."""
+        return self.settings.length
 
 
 def save_transformer(model: VIMTransformer, folder: str | Path) -> None:
