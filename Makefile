@@ -8,13 +8,13 @@ CONFIG ?= configs/demo.yaml
 # In-process clusters (make test, bench) run without auth; the local head of ray-up/demo/sweep-demo requires
 # Ray's token (~/.ray/auth_token, written by scripts/ray_head.sh), and every process talking to it uses token mode.
 export RAY_AUTH_MODE ?= disabled
-ray-up ray-down demo sweep-demo sweep-rq-depth paper-tables: export RAY_AUTH_MODE = token
+ray-up ray-down demo digit-demo sweep-demo sweep-rq-depth sweep-digit-k paper-tables: export RAY_AUTH_MODE = token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TPU_VENV ?= .venv-tpu
 XLA_WHEELS ?= .xla-wheels
 
-.PHONY: setup demo sweep-demo sweep-rq-depth paper-tables paper-tables-input test bench bench-peers ray-up ray-down clean tpu-env \
+.PHONY: setup demo digit-demo sweep-demo sweep-rq-depth sweep-digit-k paper-tables paper-tables-input test bench bench-peers ray-up ray-down clean tpu-env \
 	xla-check
 
 setup: $(VENV)/.installed
@@ -32,6 +32,11 @@ ray-down:
 demo: setup ray-up
 	bash scripts/submit.sh python jobs/full_pipeline.py --config $(CONFIG) --run-dir $(RUN_DIR)
 
+# DiGIT on the demo data: SSL encoder, K-means tokens, the Transformer on them, the render stage, the evaluation.
+DIGIT_RUN_DIR ?= $(CURDIR)/runs/digit
+digit-demo: setup ray-up
+	bash scripts/submit.sh python jobs/full_pipeline.py --config configs/digit.yaml --run-dir $(DIGIT_RUN_DIR)
+
 # A quick sweep: three lookup dims of the demo tokenizer, 100 steps each without the discriminator, on 5,000
 # train images (a few minutes). tests/test_sweep_demo.py runs exactly this recipe (`make -n sweep-demo SWEEP_DIR=...`).
 SWEEP_DIR ?= $(CURDIR)/runs/sweep-demo
@@ -41,6 +46,23 @@ sweep-demo: setup ray-up
 		--set ingest.max_images_per_split=5000 --set tokenizer.steps=100 --set tokenizer.adversarial_weight=0 \
 		--set tokenizer.warmup_steps=10 --set tokenizer.val_images=1024 \
 		--set tokenizer.checkpoint_every=50 --set tokenizer.image_every=50
+
+# DiGIT's vocabulary: K = 64, 256, 1024 centroids on one shared SSL encoder (and ingest, pixel tokenizer), each trial
+# K-means, pretokenize, the Transformer, the render stage and the evaluation, at a shorter budget than digit-demo's.
+DIGIT_SWEEP_DIR ?= $(CURDIR)/runs/sweep-digit-k
+sweep-digit-k: setup ray-up
+	bash scripts/submit.sh python jobs/sweep.py --config configs/digit.yaml --sweep-dir $(DIGIT_SWEEP_DIR) \
+		--grid kmeans.clusters=64,256,1024 --last-stage evaluate --metric evaluate.probe_top1_best --mode max \
+		--column kmeans.val_cluster_purity --column kmeans.val_usage --column kmeans.final_inertia_per_row \
+		--column evaluate.probe_top1_pixels --column evaluate.fid_domain --column evaluate.fid_domain_floor \
+		--column transformer.val_loss_nats --column render.val_loss_nats \
+		--set ingest.max_images_per_split=5000 --set tokenizer.steps=300 --set tokenizer.checkpoint_every=150 \
+		--set tokenizer.image_every=300 --set tokenizer.val_images=1000 --set kmeans.image_fraction=0.2 \
+		--set transformer.steps=150 --set transformer.decay_start=75 --set transformer.checkpoint_every=75 \
+		--set transformer.eval_every=75 --set render.steps=150 --set render.decay_start=75 \
+		--set render.checkpoint_every=75 --set render.eval_every=75 --set evaluate.recon_images=1000 \
+		--set evaluate.inception_fid=false --set evaluate.inception_images=null \
+		--set kmeans.cpus_per_actor=1.4 --set pretokenize.cpus_per_actor=1.4 --set evaluate.cpus_per_actor=1.4
 
 # Residual quantization's depth: the whole pipeline with D = 1, 2, 4, 8 codes per position (tokenizer, pretokenize,
 # RQ-Transformer, evaluate), on the demo data at a shorter budget than the demo's; one trial at a time on 2 cores.

@@ -10,7 +10,8 @@ import argparse
 
 from common import write_report
 from pipeline.storage import Manifest, RunDir
-from stages import STAGES
+from orchestration.runner import stored_config
+from stages import names, spec
 
 
 def main() -> None:
@@ -22,12 +23,13 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = RunDir(args.run_dir)
     stages = {}
-    for spec in STAGES:
-        manifest = Manifest.read(run_dir, spec.folder)
+    tokens = (stored_config(args.run_dir) or {}).get("tokens", "vq")  # the graph the run was made with
+    for name in names(tokens):
+        manifest = Manifest.read(run_dir, spec(name).folder)
         if manifest is None:
-            raise SystemExit(f"stage {spec.name} is not committed in {run_dir.location}")
-        stages[spec.name] = {"wall_seconds": round(manifest.wall_seconds, 1), "created": manifest.created,
-                             "config_hash": manifest.config_hash, "metrics": manifest.metrics}
+            raise SystemExit(f"stage {name} is not committed in {run_dir.location}")
+        stages[name] = {"wall_seconds": round(manifest.wall_seconds, 1), "created": manifest.created,
+                        "config_hash": manifest.config_hash, "metrics": manifest.metrics}
     write_report(args.out, "pipeline_run", {"made_by": args.made_by, "total_seconds": args.total_seconds,
                                             "run_dir": run_dir.location, "stages": stages})
 

@@ -15,8 +15,15 @@ from stages import spec as stage_spec
 log = logging.getLogger("vim.pipeline")
 
 # How a stage uses each upstream output, as MLflow's dataset context.
-INPUT_CONTEXT = {"ingest": "images", "tokenizer": "tokenizer", "pretokenize": "codes", "transformer": "transformer"}
+INPUT_CONTEXT = {"ingest": "images", "tokenizer": "tokenizer", "pretokenize": "codes", "transformer": "transformer",
+                 "ssl": "ssl encoder", "kmeans": "centroids", "render": "second-stage transformer"}
 MODEL_STAGES = ("tokenizer", "transformer")
+
+
+def model_stages(tokens: str) -> tuple[str, ...]:
+    """Stages whose model is registered as a pyfunc that samples images. Under ssl_kmeans the Transformer
+    samples SSL tokens, which only the render stage's model turns into pixel codes, so it is left out."""
+    return MODEL_STAGES if tokens == "vq" else ("tokenizer",)
 
 
 def _source_type(location: str) -> str:

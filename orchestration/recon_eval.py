@@ -27,7 +27,7 @@ from pipeline import tracking
 from pipeline.config import PipelineConfig, stable_hash
 from pipeline.stage import StageContext, StageSpec
 from pipeline.storage import Manifest, RunDir
-from stages import STAGES
+from stages import folders as stage_folders, spec as stage_spec
 from orchestration.errors import PipelineError
 
 FOLDER = "recon_eval"
@@ -38,7 +38,7 @@ COLUMNS = ("rfid_domain", "recon_psnr", "recon_ssim", "recon_usage_per_256", "re
 
 
 def _manifest(run_dir: RunDir, stage: str) -> Manifest:
-    folder = next(spec.folder for spec in STAGES if spec.name == stage)
+    folder = stage_spec(stage).folder
     manifest = Manifest.read(run_dir, folder)
     if manifest is None:
         raise PipelineError(f"the reconstruction evaluation needs a committed {stage} stage in {run_dir.location}")
@@ -48,7 +48,7 @@ def _manifest(run_dir: RunDir, stage: str) -> Manifest:
 def _context(run_dir: RunDir, cfg: PipelineConfig, stages: tuple[str, ...], key: str,
              tracker: tracking.Tracker | None = None) -> StageContext:
     return StageContext(SPEC, cfg, run_dir, key, {name: _manifest(run_dir, name) for name in stages}, tracker,
-                        folders={spec.name: spec.folder for spec in STAGES})
+                        folders=stage_folders())
 
 
 def _setup(ctx: StageContext, cfg: PipelineConfig):

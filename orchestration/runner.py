@@ -23,7 +23,7 @@ from orchestration.input_checks import changed_manifests, check_inputs, check_ou
 from orchestration.run_lock import RunLock
 from pipeline.output_records import record_outputs
 from pipeline.storage import MANIFEST, Manifest, RunDir
-from stages import STAGE_NAMES, STAGES
+from stages import folders as stage_folders, graph, names
 
 log = logging.getLogger("vim.pipeline")
 
@@ -36,25 +36,27 @@ class StageOutcome:
     seconds: float
 
 
-def select(from_stage: str | None, only: str | None, to_stage: str | None = None) -> list[str]:
+def select(from_stage: str | None, only: str | None, to_stage: str | None = None, tokens: str = "vq") -> list[str]:
+    """The stages to run of the graph `tokens` picks (the config's `tokens`)."""
+    stage_names = names(tokens)
     for name in (from_stage, only, to_stage):
-        if name is not None and name not in STAGE_NAMES:
-            raise PipelineError(f"unknown stage '{name}'; stages: {', '.join(STAGE_NAMES)}")
+        if name is not None and name not in stage_names:
+            raise PipelineError(f"unknown stage '{name}' for tokens={tokens}; stages: {', '.join(stage_names)}")
     if only:
         return [only]
-    start = STAGE_NAMES.index(from_stage) if from_stage else 0
-    stop = STAGE_NAMES.index(to_stage) + 1 if to_stage else len(STAGE_NAMES)
+    start = stage_names.index(from_stage) if from_stage else 0
+    stop = stage_names.index(to_stage) + 1 if to_stage else len(stage_names)
     if stop <= start:
         raise PipelineError(f"--to {to_stage} comes before --from {from_stage}")
-    return list(STAGE_NAMES[start:stop])
+    return list(stage_names[start:stop])
 
 
 def preflight(cfg: PipelineConfig, from_stage: str | None = None, only: str | None = None,
               to_stage: str | None = None) -> None:
     """Each selected stage's cheap input checks, so bad paths fail before Ray starts."""
-    selected = select(from_stage, only, to_stage)
+    selected = select(from_stage, only, to_stage, cfg.tokens)
     check_stage_consistency(cfg, selected)  # settings the selected stages share
-    for spec in STAGES:
+    for spec in graph(cfg.tokens):
         if spec.name in selected:
             module = importlib.import_module(spec.entry.split(":")[0])
             if hasattr(module, "preflight"):
@@ -92,7 +94,7 @@ def _parent_run(run_dir: RunDir, cfg: PipelineConfig, uri: str,
         "vim.kind": "pipeline", "vim.run_dir": run_dir.location, "vim.git_commit": tracking.git_commit(),
         "vim.config_hash": cfg.hash()}, parent_run_id=sweep_run_id)
     parent.log_params(cfg.model_dump(mode="json"))
-    parent.log_inputs(mlflow_records.stage_inputs(STAGES[0], cfg, run_dir, {}))  # the images it starts from
+    parent.log_inputs(mlflow_records.stage_inputs(graph(cfg.tokens)[0], cfg, run_dir, {}))  # the images it starts from
     run_dir.write_json({"tracking_uri": uri, "run_id": parent.run_id, "experiment_id": experiment_id}, key)
     return parent
 
@@ -103,9 +105,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
                  verify: bool = False) -> list[StageOutcome]:
     """`sweep_run_id`: the MLflow run this pipeline run nests under (a sweep trial). Committed outputs a stage
     reads, or that are skipped, are checked against their manifests' sizes, and with `verify` checksums."""
-    selected = select(from_stage, only, to_stage)
+    selected = select(from_stage, only, to_stage, cfg.tokens)
     for name in force:
-        select(name, None)
+        select(name, None, tokens=cfg.tokens)
     run_dir = RunDir(run_dir_location)
     uri = tracking.default_tracking_uri(run_dir.location)
     outcomes: list[StageOutcome] = []
@@ -117,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir_location: str, from_stage: str | N
             manifests: dict[str, Manifest] = {}
             ran: set[str] = set()  # stages run in this pipeline run
             verified: set[str] = set()  # committed stages whose files were checked in this pipeline run
-            for spec in STAGES:
+            for spec in graph(cfg.tokens):
                 config, config_hash = _section_hash(cfg, spec)
                 if spec.name not in selected:
                     existing = read_manifest(run_dir, spec)
@@ -174,7 +176,7 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
         child.log_params(config)
         child.log_inputs(mlflow_records.stage_inputs(spec, cfg, run_dir, manifests))
     ctx = StageContext(spec, cfg, run_dir, fingerprint, {u: manifests[u] for u in spec.upstream}, child,
-                       folders={stage.name: stage.folder for stage in STAGES})
+                       folders=stage_folders())
     log.info("stage %s: running (fingerprint %s)", spec.name, fingerprint)
     started = time.perf_counter()
     try:
@@ -191,7 +193,7 @@ def _run_stage(spec: StageSpec, cfg: PipelineConfig, run_dir: RunDir, uri: str, 
                         input_manifests={u: manifests[u].sha256 for u in spec.upstream})
     manifest.write(run_dir, spec.folder)
     child.log_dict(json.loads(json.dumps(asdict(manifest), default=str)), "manifest.json")
-    if spec.name in mlflow_records.MODEL_STAGES:
+    if spec.name in mlflow_records.model_stages(cfg.tokens):
         experiment = child.client.get_experiment(experiment_id).name
         mlflow_records.log_stage_model(spec, run_dir, manifest, manifests, child, experiment)
     child.finish("FINISHED")

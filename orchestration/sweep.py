@@ -28,7 +28,7 @@ import yaml
 
 from pipeline import tracking
 from pipeline.config import ConfigError, PipelineConfig, build_config, stable_hash
-from stages import STAGE_NAMES, STAGES
+from stages import STAGE_NAMES, graph, names
 from orchestration.errors import PipelineError
 from orchestration.runner import run_pipeline
 from orchestration.trial_progress import StageMetricWatcher, interim_metric, release_stopped_trial, run_while_watching
@@ -104,10 +104,14 @@ def _scalar(text: str) -> Any:
 def validate(spec: SweepSpec) -> list[dict[str, Any]]:
     """Every grid point (and each random key's bounds) builds a valid config, before any work starts.
     Returns the grid points."""
+    graph_names = names(build_config(spec.base, spec.extra_overrides).tokens)
     for key in spec.space:
         section = key.split(".")[0]
-        if section not in STAGE_NAMES:
-            raise ConfigError(f"swept key '{key}': only stage sections can be swept ({', '.join(STAGE_NAMES)})")
+        if section not in graph_names:
+            raise ConfigError(f"swept key '{key}': only sections of the config's stages can be swept "
+                              f"({', '.join(graph_names)})")
+    if spec.last_stage not in graph_names:
+        raise ConfigError(f"--last-stage {spec.last_stage} is not a stage of this config ({', '.join(graph_names)})")
     if STAGE_NAMES.index(spec.first_stage) > STAGE_NAMES.index(spec.last_stage):
         raise PipelineError(f"the swept stage {spec.first_stage} comes after --last-stage {spec.last_stage}")
     reached = STAGE_NAMES[:STAGE_NAMES.index(spec.last_stage) + 1]
@@ -165,10 +169,10 @@ def trial_name(values: dict[str, Any]) -> str:
     return f"{safe}_{stable_hash(values)[:6]}"
 
 
-def link_shared_stages(base_dir: Path, trial_dir: Path, first_stage: str) -> None:
+def link_shared_stages(base_dir: Path, trial_dir: Path, first_stage: str, tokens: str = "vq") -> None:
     """The trial's run directory sees the base's committed upstream stages as its own (symlinks)."""
     trial_dir.mkdir(parents=True, exist_ok=True)
-    for spec in STAGES:
+    for spec in graph(tokens):
         if spec.name == first_stage:
             break
         target, link = base_dir / spec.folder, trial_dir / spec.folder
@@ -194,8 +198,8 @@ def _trainable(config: dict[str, Any]) -> None:
     root = Path(config["__root"])
     os.environ["MLFLOW_TRACKING_URI"] = config["__tracking_uri"]
     trial_dir = root / "trials" / trial_name(values)
-    link_shared_stages(root / "base", trial_dir, spec.first_stage)
     cfg = trial_config(values, spec)
+    link_shared_stages(root / "base", trial_dir, spec.first_stage, cfg.tokens)
 
     def pipeline():
         return run_pipeline(cfg, str(trial_dir), to_stage=spec.last_stage, sweep_run_id=config["__sweep_run_id"])
@@ -271,10 +275,11 @@ def trial_resources(configs: list[PipelineConfig], first_stage: str, last_stage:
     Also each stage's arithmetic."""
     need: dict[str, float] = {}
     formulas: dict[str, tuple[float, str]] = {}
-    parts = [(name, name) for name in STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]]
-    if follow_up is not None:
-        parts.append((follow_up.name, follow_up.section))
+    span = STAGE_NAMES[STAGE_NAMES.index(first_stage):STAGE_NAMES.index(last_stage) + 1]
     for cfg in configs:
+        parts = [(name, name) for name in span if name in names(cfg.tokens)]
+        if follow_up is not None:
+            parts.append((follow_up.name, follow_up.section))
         for name, section_name in parts:
             section = getattr(cfg, section_name)
             stage = stage_resources(section)
@@ -353,9 +358,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, name: str = "sweep") -> dict[str,
     concurrency = plan_concurrency(need, formulas, *cluster_capacity(), spec.max_concurrent)
 
     # Shared upstream stages, once.
-    first = STAGE_NAMES.index(spec.first_stage)
+    stage_names = names(base_cfg.tokens)
+    first = stage_names.index(spec.first_stage)
     if first > 0:
-        run_pipeline(base_cfg, str(root / "base"), to_stage=STAGE_NAMES[first - 1])
+        run_pipeline(base_cfg, str(root / "base"), to_stage=stage_names[first - 1])
 
     sweep_run = _sweep_run(root, tracking_uri, spec)
     param_space = {**_search_space(spec), "__spec": spec, "__root": str(root), "__tracking_uri": tracking_uri,

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models.settings import (ADDED_LATER, Float, Int, RQTransformerOptions, RQTransformerSettings,
-                                      TokenizerSettings, TransformerArchitecture, TransformerSettings,
-                                      later_fields_at_default)
+                                      SSLEncoderSettings, TokenizerSettings, TransformerArchitecture,
+                                      TransformerSettings, later_fields_at_default)
 
 
 log = logging.getLogger("vim.config")
@@ -281,6 +281,95 @@ class TransformerConfig(Section, TransformerArchitecture, RQTransformerOptions):
         return self
 
 
+class SSLConfig(Section, SSLEncoderSettings):
+    """DiGIT's self-supervised encoder (tokens: ssl_kmeans): trained here by DINO-style self-distillation on the
+    run's own shards, or, with `weights`, a pretrained timm ViT read from a local file (nothing downloads)."""
+
+    # model: the fields of SSLEncoderSettings (pipeline/models/settings.py), inherited; image_size must be the
+    # tokenizer's, since pretokenize cuts one view for both
+    size: Literal["mini", "S", "B", "L"] = Field("mini", description="the ViT preset; tiny has too few blocks "
+                                                 "for DiGIT's third-from-last")
+    pretrained: str | None = Field(None, description="timm architecture of a pretrained encoder, e.g. "
+                                   "vit_base_patch14_reg4_dinov2; null: train the encoder in the pipeline")
+    weights: str | None = Field(None, description="local .safetensors/.pth file of the pretrained encoder")
+    # self-distillation (DINO's recipe, scaled down)
+    steps: Int = Field(400, ge=1)
+    batch_size: Int = Field(64, ge=1, description="images per worker")
+    lr: Float = Field(5e-4, gt=0)
+    lr_floor: Float = Field(5e-6, ge=0)
+    warmup_steps: Int = Field(40, ge=0)
+    weight_decay: Float = Field(0.04, ge=0)
+    teacher_temperature: Float = Field(0.07, gt=0)
+    teacher_temperature_start: Float = Field(0.04, gt=0)
+    teacher_temperature_steps: Int = Field(130, ge=0)
+    student_temperature: Float = Field(0.1, gt=0)
+    teacher_momentum: Float = Field(0.996, ge=0, le=1)
+    freeze_prototypes_steps: Int = Field(40, ge=0)
+    grad_clip: Float = Field(3.0, ge=0)
+    local_crops: Int = Field(4, ge=0)
+    local_size: Int | None = Field(None, ge=4, description="local crops' side; null: half the image, in patches")
+    global_scale: tuple[Float, Float] = (0.4, 1.0)
+    local_scale: tuple[Float, Float] = (0.05, 0.4)
+    jitter: Float = Field(0.4, ge=0, lt=1)
+    seed: Int = 0
+    checkpoint_every: Int = runtime_only(100, ge=1)
+    log_every: Int = runtime_only(20, ge=1)
+    resources: TrainerResources = TrainerResources()
+
+    @property
+    def trains(self) -> bool:
+        return self.pretrained is None
+
+    def model_settings(self, data_channels: int = 3) -> SSLEncoderSettings:
+        data = self.model_dump(include=set(SSLEncoderSettings.model_fields))
+        return SSLEncoderSettings.model_validate({**data, "channels": data_channels})
+
+    def resolved_local_size(self) -> int:
+        if self.local_size is not None:
+            return self.local_size
+        return max(self.patch_size, self.image_size // 2 // self.patch_size * self.patch_size)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SSLConfig":
+        if (self.pretrained is None) != (self.weights is None):
+            raise ValueError("ssl.pretrained and ssl.weights go together: a timm architecture and its local weights "
+                             "file, or neither (the encoder is then trained in the pipeline)")
+        if self.resolved_local_size() % self.patch_size:
+            raise ValueError(f"ssl.local_size {self.local_size} is not a multiple of ssl.patch_size {self.patch_size}")
+        if self.resources.tpu_hosts or self.resources.device == "xla":
+            raise ValueError("the SSL encoder trains on CPU or GPU workers (ssl.resources.tpu_hosts=false)")
+        return self
+
+
+class KMeansConfig(Section):
+    """K-means over the SSL encoder's patch features (DiGIT: 8192 centroids, 20 iterations, ~10 % of train)."""
+
+    clusters: Int = Field(256, ge=2, le=32768, description="K: the SSL token vocabulary")
+    iterations: Int = Field(10, ge=1, description="Lloyd passes over the sampled images")
+    image_fraction: Float = Field(0.1, gt=0, le=1, description="train images the passes stream (a seeded subset)")
+    init_rows: Int = Field(20000, ge=2, description="feature rows k-means++ starts from")
+    augment: bool = Field(True, description="random crop (reflect pad 1/8) and flip of each image, as DiGIT")
+    seed: Int = 0
+    batch_size: Int = runtime_only(256, "images per feature call", ge=1)
+    actors: Int = runtime_only(1, "feature actors (one encoder each)", ge=1)
+    cpus_per_actor: Float = runtime_only(1.0, gt=0)
+    gpus_per_actor: Float = runtime_only(0.0, ge=0)
+    cpus_per_task: Float = runtime_only(0.5, "shard reads beside the actor pool", gt=0)
+
+
+class RenderConfig(TransformerConfig):
+    """DiGIT's second stage: a Transformer that reads the SSL tokens as a prefix and predicts the pixel
+    tokenizer's codes; its architecture and optimisation fields are the Transformer section's."""
+
+    conditional: bool = Field(False, description="class-token prefix; false: the SSL tokens alone condition it")
+
+    @model_validator(mode="after")
+    def _one_code_per_position(self) -> "RenderConfig":
+        if self.kind != "vim":
+            raise ValueError("render.kind must be vim: the second stage predicts one pixel code per position")
+        return self
+
+
 PROBE_MIN_TRAIN_IMAGES = 10  # the smallest probe worth fitting: one image per class of a 10-class data set
 
 
@@ -363,13 +452,35 @@ def probe_class_token(conditional: bool, label_dropout: float) -> str:
         "(evaluate.probe_train_images=0)")
 
 
+TokenKind = Literal["vq", "ssl_kmeans"]
+
+
 class PipelineConfig(Section):
+    tokens: TokenKind = Field(
+        "vq", description="what the Transformer models: vq, the pixel tokenizer's codes (VIM); ssl_kmeans, K-means "
+        "tokens of a self-supervised encoder's features (DiGIT), rendered by a second-stage Transformer",
+        json_schema_extra=ADDED_LATER)
     run: RunConfig = RunConfig()
     ingest: IngestConfig = IngestConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+    ssl: SSLConfig = SSLConfig()
+    kmeans: KMeansConfig = KMeansConfig()
     pretokenize: PretokenizeConfig = PretokenizeConfig()
     transformer: TransformerConfig = TransformerConfig()
+    render: RenderConfig = RenderConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _ssl_tokens_fit(self) -> "PipelineConfig":
+        if self.tokens != "ssl_kmeans":
+            return self
+        if self.ssl.trains and self.ssl.image_size != self.tokenizer.image_size:
+            raise ValueError(f"ssl.image_size {self.ssl.image_size} differs from tokenizer.image_size "
+                             f"{self.tokenizer.image_size}: pretokenize encodes one view for both tokenizers")
+        if self.tokenizer.quantizer == "rq" or self.transformer.kind == "rq":
+            raise ValueError("tokens=ssl_kmeans renders through the VIM codes of one quantizer: set "
+                             "tokenizer.quantizer=vq and transformer.kind=vim")
+        return self
 
     @model_validator(mode="after")
     def _guidance_needs_label_dropout(self) -> "PipelineConfig":
@@ -574,7 +685,8 @@ def load_yaml_file(path: str | Path) -> Any:
     return _read_yaml(text, str(path))
 
 
-IMAGE_STAGES = ("tokenizer", "pretokenize", "evaluate")  # they read ingest's images at tokenizer.image_size
+# The stages that read ingest's images at tokenizer.image_size.
+IMAGE_STAGES = ("tokenizer", "ssl", "kmeans", "pretokenize", "evaluate")
 
 
 def check_stage_consistency(cfg: PipelineConfig, selected: list[str] | tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.models.kmeans import ClusterSums
+from pipeline.models.kmeans import ClusterSums, cluster_label_counts, nearest_centroids
 
 Featurize = Callable[[dict[str, np.ndarray]], torch.Tensor]
 FeaturizerFactory = Callable[[], Featurize]
@@ -33,6 +33,25 @@ class BatchClusterSums:
         sums = ClusterSums.of(features, self.centroids)
         return {"sums": sums.sums.numpy()[None], "counts": sums.counts.numpy()[None],
                 "inertia": np.array([sums.inertia])}
+
+
+class BatchLabelCounts:
+    """Actor: featurizes each batch, assigns every feature row its nearest centroid, and returns the
+    (clusters, classes) table of assignments by the image's label (an image's rows share its label)."""
+
+    def __init__(self, make_featurizer: FeaturizerFactory, centroids: np.ndarray, classes: int):
+        self.featurize = make_featurizer()
+        self.centroids = torch.from_numpy(centroids)
+        self.classes = classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = self.featurize(batch).to(self.centroids.dtype)
+        labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
+        rows_per_image = len(features) // max(len(labels), 1)
+        assigned, _ = nearest_centroids(features, self.centroids)
+        table = cluster_label_counts(assigned, labels.repeat_interleave(rows_per_image), len(self.centroids),
+                                     self.classes)
+        return {"table": table.numpy()[None]}
 
 
 class BatchFeatures:
@@ -53,12 +72,13 @@ class BatchFeatures:
 
 
 def cluster_sums(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, centroids: torch.Tensor, *,
-                 actors: int, batch_size: int, cpus_per_actor: float = 1.0) -> ClusterSums:
+                 actors: int, batch_size: int, cpus_per_actor: float = 1.0,
+                 gpus_per_actor: float = 0.0) -> ClusterSums:
     """One Lloyd pass: the total cluster sums of every feature of `dataset` under `centroids`."""
     rows = dataset.map_batches(BatchClusterSums, fn_constructor_kwargs={"make_featurizer": make_featurizer,
                                                                         "centroids": centroids.numpy()},
                                batch_size=batch_size, batch_format="numpy", concurrency=actors,
-                               num_cpus=cpus_per_actor)
+                               num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     total = ClusterSums.zeros(*centroids.shape)
     for part in _partial_sums(rows):
         total = total + part
@@ -71,15 +91,30 @@ def _partial_sums(rows: ray.data.Dataset) -> Iterator[ClusterSums]:
                           float(batch["inertia"][0]))
 
 
+def label_counts(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, centroids: torch.Tensor,
+                 classes: int, *, actors: int, batch_size: int, cpus_per_actor: float = 1.0,
+                 gpus_per_actor: float = 0.0) -> torch.Tensor:
+    """The (clusters, classes) table of every feature of `dataset` under `centroids`: purity and usage."""
+    rows = dataset.map_batches(BatchLabelCounts, fn_constructor_kwargs={
+        "make_featurizer": make_featurizer, "centroids": centroids.numpy(), "classes": classes},
+        batch_size=batch_size, batch_format="numpy", concurrency=actors, num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor)
+    total = torch.zeros(len(centroids), classes, dtype=torch.long)
+    for batch in rows.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
+        total += torch.from_numpy(batch["table"][0])
+    return total
+
+
 def feature_sample(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, *, rows: int, keep: float,
-                   seed: int, actors: int, batch_size: int, cpus_per_actor: float = 1.0) -> torch.Tensor:
+                   seed: int, actors: int, batch_size: int, cpus_per_actor: float = 1.0,
+                   gpus_per_actor: float = 0.0) -> torch.Tensor:
     """At most `rows` feature rows, each feature kept with probability `keep`: what k-means++ starts from.
     The stream stops once enough rows have arrived (which ones, when it stops early, follows the stream's
     order; with `rows` above the expected count the sample is the same set on every run)."""
     kept = dataset.map_batches(BatchFeatures, fn_constructor_kwargs={"make_featurizer": make_featurizer,
                                                                      "keep": keep, "seed": seed},
                                batch_size=batch_size, batch_format="numpy", concurrency=actors,
-                               num_cpus=cpus_per_actor)
+                               num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     chunks, count = [], 0
     for batch in kept.iter_batches(batch_size=None, batch_format="numpy"):
         chunks.append(torch.from_numpy(batch["feature"]))
@@ -93,6 +128,7 @@ def feature_sample(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory
 
 def fit_kmeans(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, initial: torch.Tensor, *,
                iterations: int, actors: int, batch_size: int, cpus_per_actor: float = 1.0,
+               gpus_per_actor: float = 0.0,
                on_iteration: Callable[[int, torch.Tensor, float], None] | None = None,
                ) -> tuple[torch.Tensor, list[float]]:
     """Lloyd iterations from `initial`, one streaming pass each: the centroids and each pass's inertia.
@@ -100,7 +136,7 @@ def fit_kmeans(dataset: ray.data.Dataset, make_featurizer: FeaturizerFactory, in
     centroids, inertia = initial.clone(), []
     for iteration in range(iterations):
         total = cluster_sums(dataset, make_featurizer, centroids, actors=actors, batch_size=batch_size,
-                             cpus_per_actor=cpus_per_actor)
+                             cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor)
         inertia.append(total.inertia)
         centroids = total.centroids(centroids)
         if on_iteration is not None:

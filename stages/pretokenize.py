@@ -7,6 +7,10 @@ rows to Parquet as they arrive, knows a piece is whole when the next one begins.
 shards: written to a staging folder, checked (rows = images x views, keys unique, codes in range), then
 moved into place and recorded. A killed run redoes only the pieces without a record, and the manifest
 lists only recorded files, so no reader ever sees half a piece.
+
+Under DiGIT's tokens (tokens: ssl_kmeans) the same actors also hold the SSL encoder and the K-means centroids:
+`codes` gets each view's SSL tokens (what the Transformer models) and `pixel_codes` the pixel tokenizer's
+codes of the same view (what the render stage learns to predict from them).
 """
 from __future__ import annotations
 
@@ -46,22 +50,46 @@ class PretokenizeError(StageInputError):
 
 
 class EncodeBatches:
-    """Actor: loads the exported tokenizer once, then turns image batches into rows of the codes contract
-    (plus the `piece` column the driver sorts them by)."""
+    """Actor: loads the exported tokenizer once (and, for SSL tokens, the encoder and centroids), then turns
+    image batches into rows of the codes contract (plus the `piece` column the driver sorts them by)."""
 
-    def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool):
+    def __init__(self, tokenizer_location: str, meta: dict, threads: int, use_gpu: bool,
+                 ssl_source: dict | None = None, centroids_location: tuple[str, str] | None = None):
         self.device = inference_device(threads, use_gpu)
         if self.device.type == "cuda":  # no TF32: its 10-bit mantissa would move codes near a tie off the CPU's
             exact_fp32()
         self.model = load_tokenizer(local_folder(tokenizer_location), self.device)
-        self.meta = CodesMeta(**{**meta, "grid": tuple(meta["grid"]), "views": tuple(meta["views"])})
+        self.meta = CodesMeta(**{**meta, "grid": tuple(meta["grid"]), "views": tuple(meta["views"]),
+                                 "pixel_grid": tuple(meta["pixel_grid"]) if meta.get("pixel_grid") else None})
+        self.encoder = self.centroids = None
+        if ssl_source is not None:
+            from pipeline.models.ssl_tokens import EncoderSource, load_feature_encoder
+
+            source = dict(ssl_source)
+            if source.get("folder"):
+                source["folder"] = local_folder(source["folder"])
+            self.encoder = load_feature_encoder(EncoderSource(**source), self.device)
+            self.centroids = read_centroids(*centroids_location).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         images = to_float(torch.from_numpy(np.ascontiguousarray(batch["image"]))).to(self.device)
         with torch.inference_mode():
             codes = self.model.encode(images).cpu().numpy()
-        table = codes_table(batch["key"], batch["label"], batch["view"], codes, self.meta)
+        if self.encoder is not None:
+            from pipeline.models.ssl_tokens import ssl_tokens
+
+            tokens = ssl_tokens(self.encoder, self.centroids, images).cpu().numpy()
+            table = codes_table(batch["key"], batch["label"], batch["view"], tokens, self.meta, pixel_codes=codes)
+        else:
+            table = codes_table(batch["key"], batch["label"], batch["view"], codes, self.meta)
         return table.append_column("piece", pa.array(batch["piece"], pa.int32()))
+
+
+def read_centroids(folder: str, name: str) -> torch.Tensor:
+    """The K-means stage's centroids (K, dim) from its folder (a location any worker can open)."""
+    from safetensors.torch import load as load_safetensors
+
+    return load_safetensors(RunDir(folder).read_bytes(name))["centroids"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +178,18 @@ def _stream_codes(ctx: StageContext, pcfg: PretokenizeConfig, pieces: list[Piece
                                   fn_kwargs={"views": list(pcfg.views), "size": image_size,
                                              "crop_scale": pcfg.crop_scale, "group_of_shard": piece_of_shard})
     meta_dict = {**meta.__dict__, "grid": list(meta.grid), "views": list(meta.views)}
+    ssl_tokens = {}
+    if "kmeans" in ctx.inputs:
+        from stages.kmeans import encoder_source
+
+        ssl_tokens = {"ssl_source": encoder_source(ctx, image_size),
+                      "centroids_location": (ctx.uri_of("kmeans"), ctx.inputs["kmeans"].outputs["centroids"])}
     dataset = dataset.map_batches(
         EncodeBatches, batch_size=pcfg.batch_size, num_cpus=pcfg.cpus_per_actor, num_gpus=pcfg.gpus_per_actor,
         compute=ray.data.ActorPoolStrategy(size=pcfg.actors), **_actor_env(pcfg),
         fn_constructor_kwargs={"tokenizer_location": ctx.uri_of("tokenizer"), "meta": meta_dict,
                                "threads": max(1, round(pcfg.cpus_per_actor)),
-                               "use_gpu": pcfg.gpus_per_actor > 0})
+                               "use_gpu": pcfg.gpus_per_actor > 0, **ssl_tokens})
     dataset.context.execution_options.preserve_order = True  # a piece is whole once the next one begins
     yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
 
@@ -314,8 +348,16 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
         run_dir.write_json(marker, folder, PROGRESS, "marker.json")
     run_dir.delete(folder, STAGING)
 
-    metas = {split: CodesMeta(grid=(grid, grid), codebook_size=settings["codebook_size"], depth=depth,
-                               tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split)
+    pixel = {}
+    if "kmeans" in ctx.inputs:  # DiGIT: SSL tokens in `codes`, the pixel codes beside them
+        kmeans = ctx.inputs["kmeans"]
+        pixel = {"pixel_grid": (grid, grid), "pixel_codebook_size": settings["codebook_size"]}
+        grid, tokens_vocab = int(kmeans.outputs["grid"]), int(kmeans.outputs["clusters"])
+        tokenizer_hash = f"{tokenizer_hash}+kmeans-{kmeans.fingerprint}"
+    else:
+        tokens_vocab = settings["codebook_size"]
+    metas = {split: CodesMeta(grid=(grid, grid), codebook_size=tokens_vocab, depth=depth,
+                               tokenizer_sha256=tokenizer_hash, views=tuple(pcfg.views), split=split, **pixel)
              for split in ingest.outputs["shards"]}
     pieces = {split: [Piece(split, number, files) for number, files in
                       enumerate(plan_pieces(shard_files, shard_size, pcfg.piece_images))]
@@ -363,8 +405,12 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     metrics["images_per_second"] = images_now / encode_seconds if encode_seconds else 0.0
     metrics["encode_seconds"] = encode_seconds
     log.info("pretokenize: %s; %.1f images/s", counts, metrics["images_per_second"])
+    if pixel:
+        metrics["tokens_per_image"] = float(grid * grid)
     return StageResult(
-        outputs={"codes": outputs, "grid": [grid, grid], "depth": depth, "codebook_size": settings["codebook_size"],
+        outputs={"codes": outputs, "grid": [grid, grid], "depth": depth, "codebook_size": tokens_vocab,
+                 **({"tokens": "ssl_kmeans", "pixel_grid": list(pixel["pixel_grid"]),
+                     "pixel_codebook_size": pixel["pixel_codebook_size"]} if pixel else {}),
                  "shared_codebook": shared, "length": grid * grid * depth,  # length: codes per image
                  "views": {v: VIEW_IDS[v] for v in pcfg.views},
                  "tokenizer_sha256": tokenizer_hash, "image_size": settings["image_size"],

@@ -39,7 +39,7 @@ def tokenizer_loop(loop_config: dict) -> dict[str, float] | None:
     import ray.train
     import ray.train.torch
 
-    from stages.training import start_worker
+    from stages.training import image_epochs, start_worker
 
     cfg = TokenizerConfig.model_validate(loop_config["tokenizer"])
     backend = devices.detect(cfg.resources.device)
@@ -60,13 +60,8 @@ def tokenizer_loop(loop_config: dict) -> dict[str, float] | None:
     def lr_at(step: int) -> float:
         return cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.lr_floor / cfg.lr)
 
-    def epoch_batches(epoch: int):
-        return shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes={"image": torch.uint8}, drop_last=True,
-                                        local_shuffle_buffer_size=cfg.batch_size * 8,
-                                        local_shuffle_seed=cfg.seed * 100_003 + epoch * 101 + run.rank)
-
     empty_epoch = f"the train split needs at least tokenizer.batch_size x workers = {cfg.batch_size * run.world} images"
-    for batch in run.batches(epoch_batches, empty_epoch):
+    for batch in run.batches(image_epochs(shard, cfg.batch_size, cfg.seed, run.rank), empty_epoch):
         step = run.step
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 97 + run.rank)
         images = random_crop_flip(to_float(batch["image"]), cfg.image_size, cfg.augment_pad, generator)

@@ -150,6 +150,18 @@ def start_worker(name: str, loop_config: dict[str, Any], state: TrainState, tota
                         save_checkpoint=report, tracker=tracker)
 
 
+def image_epochs(shard, batch_size: int, seed: int, rank: int) -> Callable[[int], Any]:
+    """epoch -> the worker's uint8 image batches of that epoch, shuffled locally by seed, epoch and rank (so a
+    resumed epoch replays the same order): what the image-training stages walk with `TrainingLoop.batches`."""
+    import torch
+
+    def epoch_batches(epoch: int):
+        return shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8}, drop_last=True,
+                                        local_shuffle_buffer_size=batch_size * 8,
+                                        local_shuffle_seed=seed * 100_003 + epoch * 101 + rank)
+    return epoch_batches
+
+
 def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
     """Every rank calls this; rank 0 passes the state to checkpoint (others pass None)."""
     if state is None:

@@ -23,11 +23,12 @@ from pipeline.config import PipelineConfig, TransformerConfig
 from pipeline.data.codes import CodesError, check_code_files
 from pipeline.models.code_models import CodeModel, build_code_model, code_model_settings, codes_per_image
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
+from pipeline.models.prefix_transformer import PrefixTransformer, prefix_loss_of
 from pipeline.models.residual_quantize import StoredStackLabels
 from pipeline.models.rq_transformer import RQTransformer, code_stack_loss
 from pipeline.stage import StageContext, StageInputError, StageResult
 from pipeline.train import xla_spmd
-from pipeline.train.lm_step import LN2, accumulated_step, lr_at, next_token_loss, parameter_groups
+from pipeline.train.lm_step import LN2, LossOf, accumulated_step, lr_at, next_token_loss_of, parameter_groups
 from pipeline.train.optim import set_lr
 from pipeline.train.sharding import FullModelState, FullOptimizerState, is_sharded, shard_transformer
 from pipeline.train.state import TrainState
@@ -81,9 +82,11 @@ def rq_loss(labeler: StoredStackLabels | None, cfg: TransformerConfig, generator
 
 
 @torch.no_grad()
-def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) -> dict[str, float]:
+def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend,
+                    loss_of: LossOf | None = None) -> dict[str, float]:
     """Mean NLL in nats per code over up to `val_images` plain-view val images (`val_loss_nats`); for the
-    RQ-Transformer also per depth (`val_loss_nats_depth<d>`), on the stored codes."""
+    RQ-Transformer also per depth (`val_loss_nats_depth<d>`), on the stored codes. `loss_of`: another model's
+    mean loss of a batch of rows (the render stage's, whose rows carry the prefix too)."""
     model.eval()
     total, codes_seen, images = 0.0, 0, 0
     per_depth = None  # the RQ-Transformer's summed loss per depth
@@ -98,7 +101,7 @@ def validation_loss(model: CodeModel, shard, cfg: TransformerConfig, backend) ->
                 weighted = depths.double().cpu() * codes.numel()
                 per_depth = weighted if per_depth is None else per_depth + weighted
             else:
-                loss = next_token_loss(model(codes, labels), codes)
+                loss = (loss_of or next_token_loss_of)(model, codes, labels)
         total += float(loss) * codes.numel()
         codes_seen += codes.numel()
         images += len(codes)
@@ -147,7 +150,7 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
     state = TrainState(model=FullModelState(core), optimizer=FullOptimizerState(core, optimizer))
     if backend.kind == "xla":  # gathered from the chips by torch_xla, resharded on loading
         state = TrainState(model=xla_spmd.ModelState(core), optimizer=xla_spmd.OptimizerState(optimizer))
-    run = start_worker("transformer", loop_config, state, cfg.steps, backend)
+    run = start_worker(loop_config.get("stage", "transformer"), loop_config, state, cfg.steps, backend)
     peak, peak_source = backend.peak_flops()
     flops_per_token = core.flops_per_token()
     if run.tracker is not None:
@@ -165,7 +168,8 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
         labeler = StoredStackLabels(torch.as_tensor(loop_config["codebook"]).to(backend.device), settings.vocab_size,
                                     settings.code_depth, settings.shared_codebook)
     code_generator = torch.Generator()  # reseeded every step: a resumed run draws what an unbroken one would
-    loss_of = rq_loss(labeler, cfg, code_generator) if isinstance(core, RQTransformer) else None
+    loss_of = (rq_loss(labeler, cfg, code_generator) if isinstance(core, RQTransformer)
+               else prefix_loss_of(settings.prefix_length) if isinstance(core, PrefixTransformer) else None)
     codes_per_row = codes_per_image(settings)
     last_val: dict[str, float] = {}
     empty_epoch = (f"the train split needs at least transformer.batch_size x grad_accum x workers = "
@@ -190,14 +194,14 @@ def transformer_loop(loop_config: dict) -> dict[str, float] | None:
                     f"loss {loss:.4f} nats ({loss / LN2:.3f} bits)/token {tokens_per_second:.0f} tok/s "
                     f"MFU {mfu:.3f} data wait {wait:.2f}")
         if run.log_due(cfg.eval_every) or (sharded and run.due(cfg.eval_every)):
-            last_val = validation_loss(core, val_shard, cfg, backend)  # every rank reads the same val rows
+            last_val = validation_loss(core, val_shard, cfg, backend, loss_of)  # every rank reads the same rows
             if run.tracker is not None:
                 run.tracker.log_metrics({**last_val, "val_bits_per_token": last_val["val_loss_nats"] / LN2},
                                         step=run.step)
         run.checkpoint_if_due(cfg.checkpoint_every)
 
     if not last_val and (run.rank == 0 or sharded):  # resumed after the last step: still owed
-        last_val = validation_loss(core, val_shard, cfg, backend)
+        last_val = validation_loss(core, val_shard, cfg, backend, loss_of)
     if run.rank != 0:
         return None
     return {**last_val, "val_bits_per_token": last_val["val_loss_nats"] / LN2, "steps": float(run.step),
@@ -243,7 +247,6 @@ def tokenizer_codebook(ctx: StageContext) -> np.ndarray:
 
 def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     from stages.datasets import code_dataset
-    from stages.training import train_and_export
 
     codes, ingest = ctx.inputs["pretokenize"], ctx.inputs["ingest"]
     tcfg = cfg.transformer
@@ -251,8 +254,10 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
              for split, names in codes.outputs["codes"].items()}
     val_split = "val" if files.get("val") else "train"
     read = tcfg.resources.read_cpus  # what a sweep trial counts beside its workers (orchestration/sweep.py)
-    train = code_dataset(files["train"], read).map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read)
-    val = (code_dataset(files[val_split], read).filter(lambda row: row["view"] == 0, num_cpus=read)
+    columns = ["key", *COLUMNS[:3]]  # not DiGIT's pixel codes: the render stage reads those
+    train = code_dataset(files["train"], read, columns).map_batches(with_image_ids, batch_format="pyarrow",
+                                                                    num_cpus=read)
+    val = (code_dataset(files[val_split], read, columns).filter(lambda row: row["view"] == 0, num_cpus=read)
            .map_batches(with_image_ids, batch_format="pyarrow", num_cpus=read))
     depth = int(codes.outputs.get("depth", 1))
     settings = tcfg.model_settings(
@@ -270,15 +275,25 @@ def run(cfg: PipelineConfig, ctx: StageContext) -> StageResult:
     loop_config = {"transformer": tcfg.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
                    "view_ids": sorted(codes.outputs["views"].values()),
                    "codebook": tokenizer_codebook(ctx) if tcfg.kind == "rq" and tcfg.soft_label_temperature > 0 else None}
-    final = train_and_export(ctx, transformer_loop, loop_config, tcfg.resources, {"train": train, "val": val},
+    return train_code_model(ctx, tcfg, settings, loop_config, {"train": train, "val": val})
+
+
+def train_code_model(ctx: StageContext, tcfg: TransformerConfig, settings, loop_config: dict,
+                     datasets: dict) -> StageResult:
+    """Fit a model over codes with `transformer_loop` (the Transformer stage's, or the render stage's), export
+    it and say what it learned: val loss per code against the uniform one, codes trained per second."""
+    from stages.training import train_and_export
+
+    final = train_and_export(ctx, transformer_loop, loop_config, tcfg.resources, datasets,
                              lambda weights, folder: save_weights(weights, settings, folder))
     tokens = tcfg.steps * tcfg.batch_size * tcfg.grad_accum * tcfg.resources.num_workers * codes_per_image(settings)
     final["train_tokens_per_second_overall"] = tokens / max(final["train_seconds"], 1e-9)
-    ctx.log.info("transformer: val %.4f nats/code (%.3f bits), %.0f codes/s", final["val_loss_nats"],
-                 final["val_bits_per_token"], final["train_tokens_per_second_overall"])
+    uniform = float(np.log(settings.vocab_size))
+    ctx.log.info("%s: val %.4f nats/code (%.3f bits; uniform %.4f), %.0f codes/s", ctx.spec.name,
+                 final["val_loss_nats"], final["val_bits_per_token"], uniform,
+                 final["train_tokens_per_second_overall"])
     return StageResult(
         outputs={"model": WEIGHTS_FILE, "config": SETTINGS_FILE, "settings": settings.model_dump(mode="json")},
         counts={"steps": int(final["steps"]), "train_tokens_seen": tokens},
         metrics={k: float(v) for k, v in final.items() if isinstance(v, (int, float))},
-        details={"run_name": f"{ctx.spec.name}-{ctx.fingerprint}",
-                 "uniform_loss_nats": float(np.log(settings.vocab_size))})
+        details={"run_name": f"{ctx.spec.name}-{ctx.fingerprint}", "uniform_loss_nats": uniform})

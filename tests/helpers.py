@@ -24,6 +24,13 @@ PRETOKENIZE_TINY = ["ingest.max_images_per_split=256", "ingest.shard_size=64", "
                     "pretokenize.views=[plain,hflip]", "pretokenize.rows_per_file=100", "pretokenize.piece_images=128",
                     "pretokenize.batch_size=64", "pretokenize.cpus_per_actor=0.5", "pretokenize.cpus_per_task=0.5"]
 
+# The evaluation of a tiny run, with every part on: rejection, Inception on a few images, the probe.
+EVALUATE_TINY = ["evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.3", "evaluate.recon_images=64",
+                 "evaluate.reference_images=256", "evaluate.inception_images=10", "evaluate.domain_train_images=256",
+                 "evaluate.domain_epochs=1", "evaluate.probe_train_images=192", "evaluate.probe_val_images=64",
+                 "evaluate.batch_size=20", "evaluate.cpus_per_actor=0.5", "evaluate.guidance_scale=1.5",
+                 "evaluate.fid_method=eigh"]
+
 
 def registered_checkpoint_step(stage_folder: Path) -> int:
     """The step of the latest checkpoint the Train controller has registered (its snapshot names it), 0 if
@@ -51,14 +58,16 @@ def wait_for_checkpoint(stage_folder: Path, timeout: float = 300) -> None:
 
 
 def kill_a_train_worker_after_checkpoint(stage_folder: Path, started: float, killed: list[int]) -> None:
-    """Once the stage has a registered checkpoint, SIGKILL one Ray Train worker started after `started`."""
+    """Once the stage has a registered checkpoint, SIGKILL the newest Ray Train worker started after `started`:
+    one of this stage's group (an earlier stage's worker process may still be exiting)."""
     wait_for_checkpoint(stage_folder)
-    for process in psutil.process_iter(["cmdline", "create_time"]):
-        title = " ".join(process.info["cmdline"] or [])
-        if title.startswith("ray::RayTrainWorker") and process.info["create_time"] >= started:
-            process.send_signal(signal.SIGKILL)
-            killed.append(process.pid)
-            return
+    workers = [process for process in psutil.process_iter(["cmdline", "create_time"])
+               if " ".join(process.info["cmdline"] or []).startswith("ray::RayTrainWorker")
+               and process.info["create_time"] >= started]
+    if workers:
+        newest = max(workers, key=lambda process: process.info["create_time"])
+        newest.send_signal(signal.SIGKILL)
+        killed.append(newest.pid)
 
 
 def latest_by_step(run_dir: Path, run_id: str, key: str) -> dict[int, float]:

@@ -16,7 +16,7 @@ import psutil
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from helpers import PRETOKENIZE_TINY, check_evaluation, checkpoint_registered, registered_checkpoint_step
+from helpers import EVALUATE_TINY, PRETOKENIZE_TINY, check_evaluation, checkpoint_registered, registered_checkpoint_step
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.storage import Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
@@ -32,12 +32,7 @@ TINY = PRETOKENIZE_TINY + [
     "transformer.checkpoint_every=40", "transformer.log_every=40",  # a stop and a later kill land mid-stage
     "transformer.warmup_steps=2", "transformer.decay_start=200", "transformer.label_dropout=0.1",
     "transformer.val_images=64",
-    "transformer.resources.num_workers=1",
-    "evaluate.samples_per_class=4", "evaluate.rejection_acceptance=0.3", "evaluate.recon_images=64",
-    "evaluate.reference_images=256", "evaluate.inception_images=10", "evaluate.domain_train_images=256",
-    "evaluate.domain_epochs=1", "evaluate.probe_train_images=192", "evaluate.probe_val_images=64",
-    "evaluate.batch_size=20", "evaluate.cpus_per_actor=0.5", "evaluate.guidance_scale=1.5",
-    "evaluate.fid_method=eigh"]
+    "transformer.resources.num_workers=1", *EVALUATE_TINY]
 
 
 def _pipeline_args(run_dir: Path) -> list[str]:

@@ -42,3 +42,12 @@ def test_weights_of_another_architecture_are_refused_with_the_keys(tmp_path):
 def test_a_missing_file_is_named_before_anything_else(tmp_path):
     with pytest.raises(PretrainedWeightsError, match="not found: .*nothing.pth.*Nothing is downloaded"):
         PretrainedSSLEncoder("vit_small_patch14_reg4_dinov2", tmp_path / "nothing.pth", image_size=224)
+
+
+def test_a_checkpoint_of_another_resolution_gets_its_position_table_resampled(tmp_path):
+    """Released checkpoints carry their training resolution's table (DINOv2: 37 x 37 at 518 px)."""
+    path, reference = saved(tmp_path)  # 2 x 2 patches at 32 px
+    encoder = PretrainedSSLEncoder(ARCH, path, image_size=64)
+    assert encoder.model.pos_embed.shape == (1, 1 + 16, reference.embed_dim)
+    torch.testing.assert_close(encoder.model.pos_embed[:, :1], reference.pos_embed[:, :1])  # the class row kept
+    assert encoder.patch_features(torch.rand(2, 3, 64, 64)).shape == (2, 16, encoder.feature_dim)

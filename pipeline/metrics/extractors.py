@@ -17,7 +17,7 @@ from pipeline.metrics.inception import InceptionFeatures
 from pipeline.models.domain_classifier import DomainClassifier
 from pipeline.models.code_models import load_code_model, sample_codes
 from pipeline.models.rq_transformer import RQSamplingSettings
-from pipeline.models.sampling import SamplingSettings
+from pipeline.models.sampling import SamplingSettings, sample_tokens
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.storage import local_folder
 
@@ -44,13 +44,22 @@ def sampling_settings(settings: dict) -> SamplingSettings | RQSamplingSettings:
 
 class SampleImages:
     """Per chunk {labels: list of label lists, seed}: codes from the transformer (VIM or RQ), decoded to uint8
-    images by the tokenizer."""
+    images by the tokenizer. With `render_uri` (DiGIT) the transformer's codes are SSL tokens: the render
+    model turns them into pixel codes first (the SSL tokens carry the class: it samples at guidance 1)."""
 
-    def __init__(self, transformer_uri: str, tokenizer_uri: str, settings: dict, threads: int, use_gpu: bool):
+    def __init__(self, transformer_uri: str, tokenizer_uri: str, settings: dict, threads: int, use_gpu: bool,
+                 render_uri: str | None = None):
         device = inference_device(threads, use_gpu)
         self.transformer = load_code_model(local_folder(transformer_uri), device)
         self.tokenizer = load_tokenizer(local_folder(tokenizer_uri), device)
         self.settings = sampling_settings(settings)
+        self.render = load_code_model(local_folder(render_uri), device) if render_uri else None
+
+    def _pixel_codes(self, ssl_tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        settings = self.settings
+        plain = SamplingSettings(settings.temperature, settings.top_k, settings.top_p, 1.0)
+        conditional = self.render.settings.num_classes > 0
+        return sample_tokens(self.render, labels if conditional else None, plain, generator, condition=ssl_tokens)
 
     def __call__(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, labels, codes = [], [], []
@@ -60,6 +69,8 @@ class SampleImages:
             generator = torch.Generator().manual_seed(int(seed))
             tokens = sample_codes(self.transformer, label_tensor if conditional else None, self.settings,
                                   generator, batch=len(label_tensor))
+            if self.render is not None:
+                tokens = self._pixel_codes(tokens, label_tensor, generator)
             pixels = self.tokenizer.decode(tokens)
             images.append(pixels.mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
             labels.append(label_tensor.numpy())

@@ -11,22 +11,30 @@ from pathlib import Path
 import torch
 
 from pipeline.models.io import SETTINGS_FILE, load_model
+from pipeline.models.prefix_transformer import PrefixTransformer, PrefixTransformerSettings
 from pipeline.models.rq_transformer import RQSamplingSettings, RQTransformer, sample_code_stacks
 from pipeline.models.sampling import SamplingSettings, sample_tokens
 from pipeline.models.settings import RQTransformerSettings, TransformerSettings
 from pipeline.models.transformer import VIMTransformer
 
-CodeModelSettings = TransformerSettings | RQTransformerSettings
-CodeModel = VIMTransformer | RQTransformer
+CodeModelSettings = TransformerSettings | RQTransformerSettings | PrefixTransformerSettings
+CodeModel = VIMTransformer | RQTransformer | PrefixTransformer
 
 
 def code_model_settings(data: dict) -> CodeModelSettings:
-    """A code model's settings from their JSON form (a settings file, a manifest)."""
-    return (RQTransformerSettings if "code_depth" in data else TransformerSettings).model_validate(data)
+    """A code model's settings from their JSON form (a settings file, a manifest): the RQ-Transformer's have
+    `code_depth`, DiGIT's second stage's `prefix_vocab_size`."""
+    if "code_depth" in data:
+        return RQTransformerSettings.model_validate(data)
+    if "prefix_vocab_size" in data:
+        return PrefixTransformerSettings.model_validate(data)
+    return TransformerSettings.model_validate(data)
 
 
 def _model_class(settings: CodeModelSettings) -> type[CodeModel]:
-    return RQTransformer if isinstance(settings, RQTransformerSettings) else VIMTransformer
+    if isinstance(settings, RQTransformerSettings):
+        return RQTransformer
+    return PrefixTransformer if isinstance(settings, PrefixTransformerSettings) else VIMTransformer
 
 
 def build_code_model(settings: CodeModelSettings) -> CodeModel:

@@ -118,7 +118,20 @@ def cluster_purity(assignments: torch.Tensor, labels: torch.Tensor, clusters: in
     """Fraction of points whose label is their cluster's majority label (1.0: every cluster is one class)."""
     if assignments.numel() == 0:
         raise ValueError("cluster purity of no points")
+    return purity_of_counts(cluster_label_counts(assignments, labels, clusters, classes))
+
+
+def cluster_label_counts(assignments: torch.Tensor, labels: torch.Tensor, clusters: int, classes: int) -> torch.Tensor:
+    """(clusters, classes) int64: how many points of each label each cluster holds. Adds up across batches."""
     table = torch.zeros(clusters, classes, dtype=torch.long)
     table.index_put_((assignments.long(), labels.long()), torch.ones_like(assignments, dtype=torch.long),
                      accumulate=True)
-    return float(table.max(1).values.sum()) / assignments.numel()
+    return table
+
+
+def purity_of_counts(table: torch.Tensor) -> float:
+    """Cluster purity from a (clusters, classes) count table."""
+    total = int(table.sum())
+    if total == 0:
+        raise ValueError("cluster purity of no points")
+    return float(table.max(1).values.sum()) / total

@@ -7,6 +7,7 @@ of one block through the final LayerNorm, prefix tokens (class and registers) le
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +32,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def resized_positions(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's position table resampled (bicubic) to the model's patch grid: released ViTs carry the
+    table of their training resolution (DINOv2: 37 x 37 at 518 px), the pipeline reads its own image size."""
+    from timm.layers import resample_abs_pos_embed
+
+    table = state.get("pos_embed")
+    if table is None or table.shape == model.pos_embed.shape:
+        return state
+    prefix = table.shape[1] - math.isqrt(table.shape[1]) ** 2  # class token rows in the table (registers never are)
+    return {**state, "pos_embed": resample_abs_pos_embed(table, list(model.patch_embed.grid_size),
+                                                         num_prefix_tokens=prefix)}
+
+
 class PretrainedSSLEncoder(nn.Module):
     def __init__(self, architecture: str, weights: str | Path, image_size: int, feature_block: int = -3):
         super().__init__()
@@ -46,7 +60,7 @@ class PretrainedSSLEncoder(nn.Module):
             self.model = timm.create_model(architecture, pretrained=False, num_classes=0, img_size=image_size)
         except RuntimeError as error:  # timm: "Unknown model (...)"
             raise PretrainedWeightsError(f"{architecture}: {error}") from error
-        state = read_state_dict(path)
+        state = resized_positions(read_state_dict(path), self.model)
         try:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # a tensor of another shape

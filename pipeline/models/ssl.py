@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.models.io import load_model, save_model
 from pipeline.models.settings import SSLEncoderSettings
+from pipeline.models.tokenizer import LUMA
 from pipeline.models.vit import Block, init_weights, sincos_2d
 
 
@@ -51,6 +52,8 @@ class SSLViT(nn.Module):
         return resized.permute(0, 2, 3, 1).reshape(height * width, -1)
 
     def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        if self.settings.channels == 1 and images.shape[1] == 3:  # RGB of grey data: the luma, as the tokenizer
+            images = torch.einsum("bchw,c->bhw", images, LUMA.to(images)).unsqueeze(1)
         patches = self.patch(images * 2 - 1)
         height, width = patches.shape[-2:]
         x = patches.flatten(2).transpose(1, 2) + self.positions(height, width)

@@ -5,6 +5,7 @@ without these the teacher's output collapsed to one uniform distribution within 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,14 +35,18 @@ class DistillationSchedule:
 
 def distillation_step(model: SelfDistillation, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                       crops: MultiCrop, schedule: DistillationSchedule, step: int,
-                      generator: torch.Generator) -> dict[str, float]:
+                      generator: torch.Generator,
+                      sync_gradients: Callable[[torch.nn.Module], None] | None = None) -> dict[str, float]:
     """Views of `images` (float (B, C, H, W) in [0, 1]), a student update, then the teacher's EMA; the
-    caller sets the learning rate. Returns the loss and the figures that show a collapse early."""
+    caller sets the learning rate. `sync_gradients(student)` averages the gradients over data-parallel
+    workers before clipping. Returns the loss and the figures that show a collapse early."""
     global_views, local_views = multi_crop(images, crops, generator)
     loss = model(global_views, local_views, teacher_temperature=schedule.temperature(step),
                  student_temperature=schedule.student_temperature)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if sync_gradients is not None:
+        sync_gradients(model.student)
     if step < schedule.freeze_prototypes_steps:
         model.student.head.prototypes.grad = None
     norm = (torch.nn.utils.clip_grad_norm_(model.student.parameters(), schedule.grad_clip)

@@ -35,7 +35,7 @@ class Setup:
     num_classes: int
     image_size: int
     val_split: str
-    codebook_size: int
+    codebook_size: int  # the pixel tokenizer's
     code_depth: int = 1  # codes per position (residual quantization)
     shared_codebook: bool = True
 
@@ -45,7 +45,8 @@ class Setup:
         check_set_sizes(cfg.evaluate, int(ctx.inputs["ingest"].details.get("num_classes", 1)))
         return cls(ecfg=cfg.evaluate, num_classes=int(ctx.inputs["transformer"].outputs["settings"]["num_classes"]),
                    image_size=int(codes.outputs["image_size"]), val_split=held_out_split(ctx),
-                   codebook_size=int(codes.outputs["codebook_size"]), code_depth=int(codes.outputs.get("depth", 1)),
+                   codebook_size=int(ctx.inputs["tokenizer"].outputs["codebook_size"]),
+                   code_depth=int(codes.outputs.get("depth", 1)),
                    shared_codebook=bool(codes.outputs.get("shared_codebook", True)))
 
     @property

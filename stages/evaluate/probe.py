@@ -87,7 +87,7 @@ def block_features(ctx: StageContext, setup: Setup, blocks: list[int]) -> tuple[
     try:  # the contract of every file read, footers only
         check_code_files([ctx.run_dir.path(ctx.folder_of("pretokenize"), name) for names in code_files.values()
                           for name in names], grid=tuple(codes.outputs["grid"]), depth=setup.code_depth,
-                         codebook_size=setup.codebook_size, filesystem=ctx.run_dir.fs)
+                         codebook_size=int(codes.outputs["codebook_size"]), filesystem=ctx.run_dir.fs)
     except CodesError as error:
         raise StageInputError(str(error)) from None
     for split_id, (split, limit) in enumerate((("train", ecfg.probe_train_images),

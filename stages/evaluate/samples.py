@@ -99,6 +99,7 @@ def draw_samples(ctx: StageContext, setup: Setup, nets: FeatureNetworks,
     sampled = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         SampleImages, fn_constructor_kwargs={"transformer_uri": ctx.uri_of("transformer"),
                                              "tokenizer_uri": ctx.uri_of("tokenizer"), "settings": sampling,
+                                             "render_uri": ctx.uri_of("render") if "render" in ctx.inputs else None,
                                              **setup.actor_args},
         **{**setup.pool, "batch_size": 1})  # a chunk per call: each chunk carries its own seed
     drawn = collect(sampled.map_batches(ImageFeatures, fn_constructor_kwargs=image_features_args(
