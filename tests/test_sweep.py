@@ -42,7 +42,7 @@ def test_bad_sweeps_are_refused_before_any_work():
         validate(_spec("4,-1"))  # one bad grid value names the key
     spec = _spec()
     spec.space["run.ray_address"] = ("grid", ["x"])
-    with pytest.raises(ConfigError, match="only stage sections"):
+    with pytest.raises(ConfigError, match="only sections of the config.s stages"):
         validate(spec)
     spec = _spec()
     spec.scheduler = "asha"  # final-only metric: nothing to stop on while trials train
