@@ -23,12 +23,13 @@ from pipeline.config import PipelineConfig, TransformerConfig
 from pipeline.data.codes import CodesError, check_code_files
 from pipeline.models.code_models import CodeModel, build_code_model, code_model_settings, codes_per_image
 from pipeline.models.io import SETTINGS_FILE, WEIGHTS_FILE, save_weights
-from pipeline.models.prefix_transformer import PrefixTransformer, prefix_loss_of
+from pipeline.models.prefix_transformer import PrefixTransformer
 from pipeline.models.residual_quantize import StoredStackLabels
 from pipeline.models.rq_transformer import RQTransformer, code_stack_loss
 from pipeline.stage import StageContext, StageInputError, StageResult
 from pipeline.train import xla_spmd
-from pipeline.train.lm_step import LN2, LossOf, accumulated_step, lr_at, next_token_loss_of, parameter_groups
+from pipeline.train.lm_step import (LN2, LossOf, accumulated_step, lr_at, next_token_loss_of, parameter_groups,
+                                    prefix_loss_of)
 from pipeline.train.optim import set_lr
 from pipeline.train.sharding import FullModelState, FullOptimizerState, is_sharded, shard_transformer
 from pipeline.train.state import TrainState

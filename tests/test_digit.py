@@ -31,7 +31,8 @@ from orchestration.sweep import SweepSpec, validate
 from pipeline.config import ConfigError, load_config, load_yaml_file
 from pipeline.data.codes import CodesError, CodesMeta, codes_matrix, codes_table
 from pipeline.models.code_models import load_code_model
-from pipeline.models.prefix_transformer import PrefixTransformer, PrefixTransformerSettings, prefix_loss_of
+from pipeline.models.prefix_transformer import PrefixTransformer, PrefixTransformerSettings
+from pipeline.train.lm_step import prefix_loss_of
 from pipeline.storage import MANIFEST, Manifest, RunDir
 from pipeline.tracking import default_tracking_uri
 from stages import names

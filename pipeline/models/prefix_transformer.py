@@ -83,16 +83,6 @@ class PrefixTransformer(VIMTransformer):
         return self.settings.prefix_length + self.settings.length
 
 
-def prefix_loss_of(prefix_length: int):
-    """The training loss over rows that carry the prefix and the pixel codes in one sequence
-    ([s_0 .. s_{P-1}, t_0 .. t_{L-1}], as the render stage reads them): the next-token loss on the pixel codes."""
-    def loss_of(model: nn.Module, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        prefix, tokens = rows[:, :prefix_length], rows[:, prefix_length:]
-        logits = model(tokens, prefix, labels)
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-    return loss_of
-
-
 def save_prefix_transformer(model: PrefixTransformer, folder: str | Path) -> None:
     save_model(model, folder)
 

@@ -39,18 +39,10 @@ def load_feature_encoder(source: EncoderSource, device: str | torch.device = "cp
                                 source.feature_block).to(device).eval()
 
 
-def encoder_input(images: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
-    """Grey images for an encoder of colour images (a pretrained one) are repeated over three channels."""
-    channels = getattr(getattr(encoder, "settings", None), "channels", 3)
-    if images.shape[1] == 1 and channels == 3:
-        return images.expand(-1, 3, -1, -1)
-    return images
-
-
 @torch.no_grad()
 def patch_features(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> (B, N, dim) float32 patch features."""
-    return encoder.patch_features(encoder_input(images, encoder)).float()
+    """RGB (B, 3, H, W) in [0, 1] -> (B, N, dim) float32 patch features (a grey encoder reads their luma)."""
+    return encoder.patch_features(images).float()
 
 
 @torch.no_grad()

@@ -49,6 +49,15 @@ def next_token_loss_of(model: nn.Module, tokens: torch.Tensor, labels: torch.Ten
     return next_token_loss(model(tokens, labels), tokens)
 
 
+def prefix_loss_of(prefix_length: int) -> LossOf:
+    """The training loss of DiGIT's second stage over rows that carry the prefix and the pixel codes in one
+    sequence ([s_0 .. s_{P-1}, t_0 .. t_{L-1}], as the render stage reads them): next-token loss on the codes."""
+    def loss_of(model: nn.Module, rows: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        prefix, tokens = rows[:, :prefix_length], rows[:, prefix_length:]
+        return next_token_loss(model(tokens, prefix, labels), tokens)
+    return loss_of
+
+
 def accumulated_step(model: nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
                      optimizer: torch.optim.Optimizer, backend, grad_clip: float,
                      loss_of: LossOf | None = None) -> tuple[float, float]:
