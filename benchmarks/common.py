@@ -16,9 +16,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def cpu_model() -> str:
+    """Vendor and model name from /proc/cpuinfo (platform.processor() is often empty on Linux): which BLAS
+    kernels a CPU gets depends on it."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor()
+    return " ".join(filter(None, (fields.get("vendor_id"), fields.get("model name")))) or platform.processor()
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "processor": platform.processor()}
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "processor": cpu_model()}
     try:
         import torch
 

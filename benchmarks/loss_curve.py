@@ -1,10 +1,11 @@
-"""Do the CPU dropout and attention kernels train like the stock ones? The demo's Transformer recipe, on the
+"""Do the CPU dropout, attention and linear kernels train like the stock ones? The demo's Transformer recipe, on the
 demo's own codes, trained with each kernel set and two seeds; loss per step, final val loss, step time.
 
     python benchmarks/loss_curve.py --codes runs/demo/codes --out benchmarks/results/loss-curve-cpu.json
 
-"stock" swaps the project's `Dropout` modules for `nn.Dropout` and its attention for
-`F.scaled_dot_product_attention(dropout_p=...)`; everything else (data order, schedule, step) is shared.
+"stock" swaps the project's `Dropout` modules for `nn.Dropout`, its attention for
+`F.scaled_dot_product_attention(dropout_p=...)` and its oneDNN linear layers for PyTorch's (`cpu_linear` aten);
+everything else (data order, schedule, step) is shared.
 The kernels agree when the gap between the kernel sets is within the gap between seeds.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 from pipeline import device as devices
 from pipeline.config import load_config
 from pipeline.data.codes import codes_matrix
+from pipeline.models import cpu_linear
 from pipeline.models import transformer as transformer_module
 from pipeline.models.dropout import Dropout
 from pipeline.models.transformer import VIMTransformer
@@ -56,7 +58,8 @@ def kernels(kind: str, model: nn.Module):
     original = transformer_module.causal_attention
     transformer_module.causal_attention = stock_attention
     try:
-        yield
+        with cpu_linear.use_backend("aten"):
+            yield
     finally:
         transformer_module.causal_attention = original
 

@@ -11,6 +11,11 @@ Both sides run fp32 on the same threads, one warm-up step each, then alternating
 side. Ratios (ours over peer for throughput, peer over ours for sampling seconds: above 1, ours is faster)
 are what carry from one machine to another. Each side keeps its own default dropout.
 
+Ours runs twice in the same rounds: with the project's CPU linear layers (oneDNN, `pipeline.models.cpu_linear`)
+and with PyTorch's own (`ours_aten`, the MKL matmuls the peers use), so the report shows how much of a ratio
+is that one kernel choice. How much it is depends on the CPU: MKL runs only AVX2 kernels on non-Intel
+processors. `gemm_gflops_1024` records both backends' fp32 matmul speed on this machine.
+
 The peers' code is imported at run time from the shared folder `<repo>/../shared/peer-bench` (or
 --peer-bench / PEER_BENCH), never copied here; without that folder the benchmark says so and writes nothing.
 The tokenizer peer needs omegaconf and einops, pip-installed on first use into a temp folder (PEER_DEPS).
@@ -35,6 +40,7 @@ from common import ROOT, write_report
 import torch
 
 from pipeline import device as devices
+from pipeline.models import cpu_linear
 from pipeline.models.sampling import SamplingSettings, sample_tokens
 from pipeline.models.settings import VIM_SIZES, TokenizerSettings, TransformerSettings, VimSize
 from pipeline.models.tokenizer import ViTVQGAN
@@ -123,12 +129,39 @@ def best_seconds(workloads: dict[str, Callable[[], object]], tries: int) -> dict
     return best
 
 
+def with_aten_linear(run: Callable[[], object]) -> Callable[[], object]:
+    """The same workload with PyTorch's own CPU linear layers instead of the project's oneDNN ones."""
+    def aten_run() -> object:
+        with cpu_linear.use_backend("aten"):
+            return run()
+    return aten_run
+
+
 def throughput_summary(per_round: dict[str, list[float]], unit: str) -> dict:
+    """Rounds, medians and the ratio over the peer of every workload ("ours", "ours_aten", "peer")."""
     medians = {name: statistics.median(values) for name, values in per_round.items()}
-    return {"unit": unit, "rounds_ours": [round(v, 2) for v in per_round["ours"]],
-            "rounds_peer": [round(v, 2) for v in per_round["peer"]],
-            "median_ours": round(medians["ours"], 2), "median_peer": round(medians["peer"], 2),
-            "ratio_ours_over_peer": round(medians["ours"] / medians["peer"], 3)}
+    summary = {"unit": unit}
+    for name, values in per_round.items():
+        summary[f"rounds_{name}"] = [round(v, 2) for v in values]
+        summary[f"median_{name}"] = round(medians[name], 2)
+    for name in per_round:
+        if name != "peer":
+            summary[f"ratio_{name}_over_peer"] = round(medians[name] / medians["peer"], 3)
+    return summary
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """fp32 (size x size) @ (size x size) GFLOP/s through each CPU linear backend on this machine."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    speeds = {}
+    for name in ("aten", "onednn"):
+        with cpu_linear.use_backend(name), torch.no_grad():
+            cpu_linear.linear(a, b)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                cpu_linear.linear(a, b)
+            speeds[name] = round(2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9, 1)
+    return speeds
 
 
 def parameter_millions(model: torch.nn.Module, skip_prefix: str | None = None) -> float:
@@ -202,29 +235,35 @@ def compare_transformer(cfg: dict, rounds: int, steps: int, peer_folder: Path, p
     labels = torch.randint(0, NUM_CLASSES, (cfg["batch"],))
     ours_step = vim_training_step(ours, tokens, labels)
     train = throughput_summary(alternating_rounds(
-        {"ours": ours_step, "peer": llamagen_training_step(peer, tokens, labels)},
+        {"ours": ours_step, "ours_aten": with_aten_linear(ours_step),
+         "peer": llamagen_training_step(peer, tokens, labels)},
         rounds, steps, cfg["batch"] * length), "tokens/s")
     result = {"config": cfg, "threads": torch.get_num_threads(),
               "params_ours_m": round(ours.parameter_count(embeddings=True) / 1e6, 2),
               "params_peer_m": parameter_millions(peer), "train": train,
               "train_ratio_ours_over_peer": train["ratio_ours_over_peer"]}
-    if profile:
+    if profile:  # the step with PyTorch's linear layers (before) and with the project's (after)
+        result["profile_ours_step_aten_linear"] = top_ops_by_self_cpu(with_aten_linear(ours_step))
         result["profile_ours_step"] = top_ops_by_self_cpu(ours_step)
 
     # Sampling last: LlamaGen's generate leaves KV caches in its attention layers, which training cannot pass.
     ours.eval()
     peer.eval()
     sample_labels = torch.randint(0, NUM_CLASSES, (cfg["sample_batch"],))
+    def ours_sample() -> torch.Tensor:
+        return sample_tokens(ours, sample_labels, SamplingSettings(guidance_scale=cfg["cfg"]),
+                             torch.Generator().manual_seed(0))
+
     seconds = best_seconds({
-        "ours": lambda: sample_tokens(ours, sample_labels, SamplingSettings(guidance_scale=cfg["cfg"]),
-                                      torch.Generator().manual_seed(0)),
+        "ours": ours_sample, "ours_aten": with_aten_linear(ours_sample),
         "peer": lambda: generate(peer, sample_labels, length, cfg_scale=cfg["cfg"], cfg_interval=-1,
                                  temperature=1.0, top_k=0, top_p=1.0, sample_logits=True),
     }, SAMPLING_TRIES)
     result["sample"] = {"unit": "seconds", "images": cfg["sample_batch"], "tokens_per_image": length,
-                        "best_of": SAMPLING_TRIES, "seconds_ours": round(seconds["ours"], 3),
-                        "seconds_peer": round(seconds["peer"], 3)}
+                        "best_of": SAMPLING_TRIES, **{f"seconds_{name}": round(value, 3)
+                                                      for name, value in seconds.items()}}
     result["sample_speed_ratio_ours_over_peer"] = round(seconds["peer"] / seconds["ours"], 3)
+    result["sample_speed_ratio_ours_aten_over_peer"] = round(seconds["peer"] / seconds["ours_aten"], 3)
     return result
 
 
@@ -287,17 +326,21 @@ def compare_tokenizer(cfg: dict, rounds: int, steps: int, peer_folder: Path) -> 
 
     ours.train()
     peer.train()
+    ours_step = tokenizer_training_step(ours_reconstruction(ours), ours_optimizer, images)
     train = throughput_summary(alternating_rounds(
-        {"ours": tokenizer_training_step(ours_reconstruction(ours), ours_optimizer, images),
+        {"ours": ours_step, "ours_aten": with_aten_linear(ours_step),
          "peer": tokenizer_training_step(peer, peer_optimizer, images)},  # the peer returns (reconstruction, loss)
         rounds, steps, cfg["batch"]), "images/s")
 
     ours.eval()
     peer.eval()
     with torch.no_grad():
+        def ours_encode() -> torch.Tensor:
+            return ours.encode(images)
+
         encode = throughput_summary(alternating_rounds(
-            {"ours": lambda: ours.encode(images), "peer": lambda: peer.encode_codes(images)},
-            rounds, steps, cfg["batch"]), "images/s")
+            {"ours": ours_encode, "ours_aten": with_aten_linear(ours_encode),
+             "peer": lambda: peer.encode_codes(images)}, rounds, steps, cfg["batch"]), "images/s")
     return {"config": cfg, "threads": torch.get_num_threads(), "params_ours_m": parameter_millions(ours),
             "params_peer_m": parameter_millions(peer, skip_prefix="loss."),  # not its LPIPS and discriminator
             "train": train, "encode": encode, "train_ratio_ours_over_peer": train["ratio_ours_over_peer"],
@@ -339,18 +382,20 @@ def parse_args() -> argparse.Namespace:
 
 
 def print_table(comparisons: dict[str, dict]) -> None:
-    rows = [("comparison", "measure", "ours", "peer", "ratio")]
+    rows = [("comparison", "measure", "ours", "ours (aten linear)", "peer", "ratio", "ratio (aten linear)")]
     for name, result in comparisons.items():
         for key in ("train", "encode"):
             if key in result:
                 figures = result[key]
                 rows.append((name, f"{key} {figures['unit']}", f"{figures['median_ours']:g}",
-                             f"{figures['median_peer']:g}", f"{figures['ratio_ours_over_peer']:g}"))
+                             f"{figures['median_ours_aten']:g}", f"{figures['median_peer']:g}",
+                             f"{figures['ratio_ours_over_peer']:g}", f"{figures['ratio_ours_aten_over_peer']:g}"))
         if "sample" in result:
             sample = result["sample"]
-            rows.append((name, "sample seconds", f"{sample['seconds_ours']:g}", f"{sample['seconds_peer']:g}",
-                         f"{result['sample_speed_ratio_ours_over_peer']:g}x faster"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            rows.append((name, "sample seconds", f"{sample['seconds_ours']:g}", f"{sample['seconds_ours_aten']:g}",
+                         f"{sample['seconds_peer']:g}", f"{result['sample_speed_ratio_ours_over_peer']:g}x faster",
+                         f"{result['sample_speed_ratio_ours_aten_over_peer']:g}x faster"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
 
@@ -377,6 +422,7 @@ def main() -> None:
                 result["peer"] = "enhancing-transformers"
             comparisons[f"{kind}-{size}"] = result
     write_report(args.out, "peers", {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads(),
+                                     "cpu_linear": cpu_linear.backend(), "gemm_gflops_1024": gemm_gflops(),
                                      "rounds": args.rounds, "steps_per_round": args.steps,
                                      "peer_bench": str(folder), "peers": peer_commits(folder),
                                      "comparisons": comparisons})

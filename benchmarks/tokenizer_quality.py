@@ -4,7 +4,9 @@
         --variant base: --variant grey:tokenizer.channels=1 --variant no_gan:tokenizer.adversarial_weight=0 \\
         --out benchmarks/results/tokenizer-quality.json
 
-Each variant is configs/demo.yaml (or --config) plus its `--set`-style overrides. It trains single process
+Each variant is configs/demo.yaml (or --config) plus its `--set`-style overrides; the pseudo-key `cpu_linear=aten`
+runs it on PyTorch's own CPU linear layers instead of the project's oneDNN ones (`pipeline.models.cpu_linear`),
+e.g. `--variant seed1:tokenizer.seed=1 --variant seed1_aten:tokenizer.seed=1,cpu_linear=aten`. It trains single process
 with the stage's objective (discriminator included from `disc_start`), optimizer, learning-rate schedule and
 augmentation, at the stage's global batch (per-worker batch x workers), on the run's ingested shards, then
 reports the stage's validation figures (PSNR, SSIM, codebook usage, dead codes) on the first val images, their
@@ -26,6 +28,7 @@ from pipeline.config import build_config, load_yaml_file
 from pipeline.data.shards import iter_samples, list_shards
 from pipeline.data.transforms import center, random_crop_flip, to_float
 from pipeline.metrics.fid import GaussianStats, fid_from_stats
+from pipeline.models import cpu_linear
 from pipeline.models.domain_classifier import train_domain_classifier
 from pipeline.schedules import warmup_cosine
 from pipeline.train.optim import grad_norm, set_lr
@@ -83,9 +86,12 @@ def train_variant(tcfg, train: torch.Tensor, val: torch.Tensor, channels: int, c
             "dead_code_fraction": round(metrics["val_dead_codes"] / tcfg.codebook_size, 4)}
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
+def parse_variant(text: str) -> tuple[str, list[str], str]:
+    """NAME:KEY=V,KEY=V -> (name, config overrides, CPU linear backend)."""
     name, _, overrides = text.partition(":")
-    return name, [item for item in overrides.split(",") if item]
+    items = [item for item in overrides.split(",") if item]
+    backends = [item.partition("=")[2] for item in items if item.startswith("cpu_linear=")]
+    return name, [item for item in items if not item.startswith("cpu_linear=")], (backends or ["onednn"])[-1]
 
 
 def main() -> None:
@@ -110,10 +116,12 @@ def main() -> None:
     labels = torch.tensor([s["label"] for url in list_shards(str(shards / "train")) for s in iter_samples(url, False)])
     classifier = train_domain_classifier(train[:4000], labels[:4000], int(labels.max()) + 1, epochs=3, width=16)
     results = {}
-    for name, overrides in map(parse_variant, args.variant):
+    for name, overrides, linear_backend in map(parse_variant, args.variant):
         tcfg = build_config(base, overrides).tokenizer
         val = center(to_float(val_raw), tcfg.image_size)
-        results[name] = {"overrides": overrides, **train_variant(tcfg, train, val, channels, classifier)}
+        with cpu_linear.use_backend(linear_backend):
+            results[name] = {"overrides": overrides, "cpu_linear": linear_backend,
+                             **train_variant(tcfg, train, val, channels, classifier)}
         print(name, results[name], flush=True)
     report = {"run_dir": args.run_dir, "data_channels": channels, "train_images": len(train),
               "val_images": len(val_raw), "threads": args.threads, "variants": results}

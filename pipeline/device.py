@@ -129,12 +129,16 @@ def tpu_generation() -> str:
 
 
 def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """fp32 matmul FLOP/s through the kernel the models' linear layers use (`pipeline.models.cpu_linear`)."""
+    from pipeline.models.cpu_linear import linear
+
     generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone: a resumed run draws as before
     a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
-    a @ b  # warm-up
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
+    with torch.no_grad():
+        linear(a, b)  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            linear(a, b)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from helpers import logits_through_the_cache
 from pipeline.config import ConfigError, build_config, load_config
 from pipeline.device import Backend
+from pipeline.models.cpu_linear import Linear
 from pipeline.models.io import SETTINGS_FILE
 from pipeline.models.noble import CosNet, Noble, NobleBranch, NobleLinear, branch_lr_scales
 from pipeline.models.settings import VIM_SIZES, VIT_SIZES, TokenizerSettings, TransformerSettings
@@ -142,14 +143,14 @@ def test_parameter_overhead_is_the_formula(activation, layers, rank):
 def test_rank_zero_builds_the_models_and_hashes_of_before():
     vim, tokenizer = _vim(noble_rank=0), _tokenizer(noble_rank=0)
     for model in (vim, tokenizer):
-        assert all(type(m) is nn.Linear for m in _linears(model).values())
+        assert all(type(m) is Linear for m in _linears(model).values())  # no branch: the plain layer
         assert not any("noble" in key for key in model.state_dict())
     # Stage hashes of configs that predate NOBLE (and `tokenizer.channels`): the demo preset's values before
     # those keys existed, its tokenizer as it was before the demo recipe changed.
     demo = load_config("configs/demo.yaml", [
         "tokenizer.dead_code_threshold=0.02", "tokenizer.logit_laplace_weight=0.1", "tokenizer.adversarial_weight=0.1",
         "tokenizer.disc_start=400", "tokenizer.disc_base_channels=16", "tokenizer.steps=460", "tokenizer.lr=1e-3",
-        "tokenizer.disc_lr=2e-4", "tokenizer.augment_pad=2"])
+        "tokenizer.disc_lr=2e-4", "tokenizer.augment_pad=2", "transformer.steps=200", "transformer.decay_start=100"])
     assert (demo.tokenizer.hash(), demo.transformer.hash()) == ("8886fc990a990c75", "e436b8b8348d1721")
     assert build_config({}, ["transformer.noble_rank=0"]).transformer.hash() == build_config({}).transformer.hash()
     assert build_config({}, ["transformer.noble_rank=16"]).transformer.hash() != build_config({}).transformer.hash()

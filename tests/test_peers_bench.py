@@ -41,11 +41,18 @@ def test_tiny_side_by_side_run_reports_every_comparison(tmp_path):
         assert comparison["params_ours_m"] > 0 and comparison["params_peer_m"] > 0
         assert comparison["train_ratio_ours_over_peer"] > 0
         for figures in [comparison["train"]] + ([comparison["encode"]] if "encode" in comparison else []):
-            assert len(figures["rounds_ours"]) == len(figures["rounds_peer"]) == 1
-            assert figures["median_ours"] > 0 and figures["median_peer"] > 0
-    assert transformer["sample"]["seconds_ours"] > 0 and transformer["sample"]["seconds_peer"] > 0
+            assert len(figures["rounds_ours"]) == len(figures["rounds_ours_aten"]) == len(figures["rounds_peer"]) == 1
+            assert figures["median_ours"] > 0 and figures["median_ours_aten"] > 0 and figures["median_peer"] > 0
+            assert figures["ratio_ours_aten_over_peer"] == round(figures["median_ours_aten"] / figures["median_peer"], 3)
+    sample = transformer["sample"]
+    assert sample["seconds_ours"] > 0 and sample["seconds_ours_aten"] > 0 and sample["seconds_peer"] > 0
     assert transformer["sample_speed_ratio_ours_over_peer"] > 0
+    assert transformer["sample_speed_ratio_ours_aten_over_peer"] > 0
     assert tokenizer["encode_ratio_ours_over_peer"] > 0
-    top_ops = transformer["profile_ours_step"]["top_ops"]
-    assert 0 < len(top_ops) <= 15 and all(op["self_cpu_ms"] >= 0 for op in top_ops)
+    for profile in ("profile_ours_step", "profile_ours_step_aten_linear"):  # after and before
+        top_ops = transformer[profile]["top_ops"]
+        assert 0 < len(top_ops) <= 15 and all(op["self_cpu_ms"] >= 0 for op in top_ops)
+    assert results["cpu_linear"] in ("onednn", "aten")
+    assert set(results["gemm_gflops_1024"]) == {"aten", "onednn"} and min(results["gemm_gflops_1024"].values()) > 0
+    assert report["machine"]["processor"]
     assert "comparison" in result.stdout  # the table after the JSON

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear
+
 
 class Blur(nn.Module):
     def __init__(self):
@@ -69,8 +71,8 @@ class StyleGANDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*[ResidualDown(channels[i], channels[i + 1]) for i in range(steps)])
         self.mbstd = MinibatchStd()
         self.conv = nn.Conv2d(channels[-1] + 1, channels[-1], 3, padding=1)
-        self.fc = nn.Linear(channels[-1] * 16, channels[-1])
-        self.out = nn.Linear(channels[-1], 1)
+        self.fc = Linear(channels[-1] * 16, channels[-1])
+        self.out = Linear(channels[-1], 1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = F.leaky_relu(self.stem(images * 2 - 1), 0.2)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear
+
 
 class DomainClassifier(nn.Module):
     def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 128):
@@ -19,7 +21,7 @@ class DomainClassifier(nn.Module):
 
         self.trunk = nn.Sequential(stage(3, width), stage(width, 2 * width), stage(2 * width, 4 * width))
         self.features_head = nn.Sequential(nn.Flatten(), nn.LazyLinear(feature_dim), nn.ReLU())
-        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.classifier = Linear(feature_dim, num_classes)
         self.num_classes, self.width, self.feature_dim = num_classes, width, feature_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear, linear
+
 Placement = Literal["attention", "mlp"]
 
 UP_INIT_SCALE = 0.01     # W_up's std times sqrt(r)
@@ -115,9 +117,9 @@ class NobleBranch(nn.Module):
         nn.init.normal_(self.up, std=UP_INIT_SCALE / math.sqrt(self.rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.activation(F.linear(x, self.down, self.down_bias))
+        h = self.activation(linear(x, self.down, self.down_bias))
         if self.branches == 1:
-            return F.linear(h, self.up)
+            return linear(h, self.up)
         grouped = h.unflatten(-1, (self.branches, self.rank))
         up = self.up.view(self.branches, self.out_features // self.branches, self.rank)
         return torch.einsum("...gr,gor->...go", grouped, up).flatten(-2)
@@ -133,7 +135,7 @@ class NobleBranch(nn.Module):
         return f"rank={self.rank}, branches={self.branches}"
 
 
-class NobleLinear(nn.Linear):
+class NobleLinear(Linear):
     """nn.Linear plus a NOBLE branch. The main weight and bias keep nn.Linear's names (and whatever init the
     model gives every nn.Linear); the branch lives under `.noble`, out of reach of those inits."""
 
@@ -145,7 +147,7 @@ class NobleLinear(nn.Linear):
             self.noble.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        main = F.linear(x, self.weight, self.bias)
+        main = linear(x, self.weight, self.bias)
         return main + self.noble(x).to(main.dtype)
 
 
@@ -165,7 +167,7 @@ class Noble:
     def linear(self, in_features: int, out_features: int, place: Placement, branches: int = 1,
                bias: bool = True) -> nn.Linear:
         if self.rank == 0 or self.layers not in ("all", place):
-            return nn.Linear(in_features, out_features, bias)
+            return Linear(in_features, out_features, bias)
         return NobleLinear(in_features, out_features, bias, self.rank, self.activation, branches)
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear
 from pipeline.models.settings import QuantizerSettings
 
 
@@ -65,8 +66,8 @@ class VectorQuantizer(nn.Module):
         self.chunk = search_chunk_elements
         lookup_dim = codebook_dim or dim
         # No bias: a learnable offset can swamp small encoder outputs and drag every latent onto one code.
-        self.proj_in = nn.Linear(dim, lookup_dim, bias=False) if codebook_dim else nn.Identity()
-        self.proj_out = nn.Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
+        self.proj_in = Linear(dim, lookup_dim, bias=False) if codebook_dim else nn.Identity()
+        self.proj_out = Linear(lookup_dim, dim) if codebook_dim else nn.Identity()
         self.codebook = nn.Parameter(torch.randn(rows, lookup_dim), requires_grad=not self.ema)
         # Usage counts (EMA of how often each code is picked) drive dead-code restarts and the stats.
         self.register_buffer("usage", torch.ones(rows))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear, linear
 from pipeline.models.io import load_model, save_model
 from pipeline.models.settings import SSLEncoderSettings
 from pipeline.models.tokenizer import LUMA
@@ -88,8 +89,8 @@ class ProjectionHead(nn.Module):
     def __init__(self, dim: int, settings: SSLEncoderSettings):
         super().__init__()
         hidden = settings.head_hidden
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, settings.head_bottleneck))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(), Linear(hidden, hidden), nn.GELU(),
+                                 Linear(hidden, settings.head_bottleneck))
         self.prototypes = nn.Parameter(torch.empty(settings.prototypes, settings.head_bottleneck))
         for module in self.mlp:
             if isinstance(module, nn.Linear):
@@ -98,7 +99,7 @@ class ProjectionHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
+        return linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
 
 
 class StudentNetwork(nn.Module):

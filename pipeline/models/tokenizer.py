@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.models.cnn import CNNDecoder, CNNEncoder
+from pipeline.models.cpu_linear import Linear
 from pipeline.models.io import load_model, save_model
 from pipeline.models.losses import from_laplace_space
 from pipeline.models.noble import Noble
@@ -53,7 +54,7 @@ class ViTVQGAN(nn.Module):
         noble = Noble.of(settings)  # NOBLE branches in the encoder's and decoder's blocks (rank 0: none)
         self.encoder = ViTEncoder(enc, settings.image_size, settings.patch_size, settings.channels, noble=noble)
         self.quantizer = make_quantizer(enc.dim, settings, settings)
-        self.bridge = nn.Identity() if enc.dim == dec.dim else nn.Linear(enc.dim, dec.dim)
+        self.bridge = nn.Identity() if enc.dim == dec.dim else Linear(enc.dim, dec.dim)
         self.decoder = ViTDecoder(dec, settings.image_size, settings.patch_size, out_channels, noble=noble)
         init_weights(self.encoder)
         init_weights(self.decoder)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.attention import causal_attention
+from pipeline.models.cpu_linear import Linear
 from pipeline.models.dropout import Dropout
 from pipeline.models.io import load_model, save_model
 from pipeline.models.noble import Noble
@@ -92,7 +93,7 @@ class VIMTransformer(nn.Module):
         noble = Noble.of(settings)  # NOBLE branches on the blocks' linear layers (rank 0: none)
         self.blocks = nn.ModuleList(Block(shape, settings.dropout, noble) for _ in range(shape.depth))
         self.norm = nn.LayerNorm(shape.dim)  # the paper's extra LayerNorm after the last block
-        self.head = nn.Linear(shape.dim, settings.vocab_size, bias=False)
+        self.head = Linear(shape.dim, settings.vocab_size, bias=False)
         self.apply(self._init)
         for name, parameter in self.named_parameters():  # GPT-2: scale residual outputs by depth
             if name.endswith("attn.proj.weight") or name.endswith("mlp.3.weight"):

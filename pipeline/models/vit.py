@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.cpu_linear import Linear
 from pipeline.models.noble import Noble
 from pipeline.models.settings import ViTSize
 
@@ -69,7 +70,7 @@ class TanhHead(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, out)
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
