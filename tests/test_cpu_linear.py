@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models import cpu_linear
-from pipeline.models.cpu_linear import Linear, linear, use_backend
+from pipeline.models.cpu_linear import Linear, linear, packed_weights, use_backend
 from pipeline.models.settings import TokenizerSettings, TransformerSettings
 from pipeline.models.tokenizer import ViTVQGAN
 from pipeline.models.transformer import VIMTransformer
@@ -78,39 +78,45 @@ def test_second_derivatives_agree_for_a_gradient_penalty():
 
 
 @needs_onednn
-def test_packed_inference_weight_follows_every_change_of_the_weight():
+def test_no_grad_forwards_between_fused_optimizer_steps_see_the_current_weights():
+    """Validation inside a training loop: fused AdamW updates the weights in place without bumping their version
+    counter, so nothing may be cached across steps."""
     torch.manual_seed(0)
     layer = Linear(16, 24)
-    x = torch.randn(3, 16)
-    with torch.no_grad():
-        assert _close(layer(x), F.linear(x, layer.weight, layer.bias))
-        packed = layer._packed[2]
-        layer(x)
-        assert layer._packed[2] is packed  # reused while the weight is unchanged
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-    layer(x).square().sum().backward()  # a training step changes the weight in place
-    optimizer.step()
-    with torch.no_grad():
-        assert _close(layer(x), F.linear(x, layer.weight, layer.bias))
-        other = Linear(16, 24)
-        layer.load_state_dict(other.state_dict())
-        assert _close(layer(x), F.linear(x, other.weight, other.bias))
-        layer.weight = nn.Parameter(torch.randn(24, 16))  # a new tensor altogether
-        assert _close(layer(x), F.linear(x, layer.weight, layer.bias))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(5, 16)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            assert _close(layer.eval()(x), F.linear(x, layer.weight, layer.bias))
+        layer.train()
 
 
 @needs_onednn
-def test_copies_and_pickles_leave_the_packed_weight_behind():
-    layer = Linear(8, 8)
+def test_packed_weights_live_only_inside_their_context():
+    torch.manual_seed(0)
+    model = nn.Sequential(Linear(16, 24), nn.GELU(), Linear(24, 8))
+    x = torch.randn(3, 16)
     with torch.no_grad():
-        layer(torch.randn(2, 8))
-    assert "_packed" in layer.__dict__
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert "_packed" not in clone.__dict__
-        assert torch.equal(clone.state_dict()["weight"], layer.state_dict()["weight"])
+        expected = model(x)
+    assert not any("_packed" in m.__dict__ for m in model)
+    with packed_weights(model):
+        assert all("_packed" in m.__dict__ for m in model if isinstance(m, Linear))
         with torch.no_grad():
-            assert _close(clone(torch.ones(1, 8)), layer(torch.ones(1, 8)))
-    assert set(layer.state_dict()) == {"weight", "bias"}
+            assert _close(model(x), expected)
+        with packed_weights(model):  # nested: the inner context leaves the outer one's copies alone
+            pass
+        assert all("_packed" in m.__dict__ for m in model if isinstance(m, Linear))
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # copies leave them behind
+            assert not any("_packed" in m.__dict__ for m in clone)
+            with torch.no_grad():
+                assert _close(clone(x), expected)
+        out = model(x.requires_grad_())  # with gradients the layers use their weights
+        assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    assert not any("_packed" in m.__dict__ for m in model)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 def test_other_dtypes_autocast_and_the_aten_backend_fall_back_to_f_linear():
@@ -152,7 +158,7 @@ def test_vim_transformer_trains_and_samples_alike_under_both_backends():
         assert _close(runs["onednn"][1][name], grad, 1e-4), name
 
     model.eval()
-    with torch.no_grad():  # decoding on packed weights equals the full forward pass on plain ones
+    with torch.no_grad(), packed_weights(model):  # decoding on packed weights = the full forward on plain ones
         cache = model.new_cache(3)
         steps = [model.prefill(labels, cache)]
         for position in range(15):

@@ -10,14 +10,15 @@ autocast, DTensor parameters, under torch.compile, or without oneDNN.
 The backend is process-wide, like `torch.backends` flags: `PIPELINE_CPU_LINEAR=aten` (or `use_backend`)
 restores plain `F.linear`, for comparisons and for a CPU where oneDNN would be the slower one.
 
-In inference the weight is reordered once into oneDNN's blocked layout and kept until it changes, which
-is what makes one-token decoding steps (a few rows against every weight) fast.
+Decoding loops run inside `packed_weights(model)`: the weights are reordered once into oneDNN's blocked
+layout for the whole loop, which is what makes one-token steps (a few rows against every weight) fast.
+Elsewhere oneDNN reorders the weight on each call: a cached copy could not tell when the weight changed
+(fused optimizers and `.data` writes update it in place without bumping its version counter).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from typing import Iterator
 
 import torch
@@ -89,11 +90,14 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def _onednn_weight(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and type(weight) in (torch.Tensor, nn.Parameter) and backend() == "onednn")
+
+
 def _runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.numel() > 0 and type(weight) in (torch.Tensor, nn.Parameter)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and backend() == "onednn")
+    return (_onednn_weight(weight) and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,25 +111,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict and init) computed by `linear`; without gradients it keeps its
-    weight in oneDNN's blocked layout until the weight changes (an optimizer step, a load, `.to`)."""
+    """nn.Linear (same parameters, state dict and init) computed by `linear`, or from its packed weight inside
+    `packed_weights`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if needs_grad or not _runs_on_onednn(x, self.weight):
-            return linear(x, self.weight, self.bias)
-        return _matmul_nt(x, self._packed_weight(), self.bias)
-
-    def _packed_weight(self) -> torch.Tensor:
-        weight = self.weight
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0]() is not weight or cached[1] != weight._version:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            cached = (weakref.ref(weight), weight._version, packed)
-            self.__dict__["_packed"] = cached
-        return cached[2]
+        packed = self.__dict__.get("_packed")
+        if packed is not None and not torch.is_grad_enabled() and _runs_on_onednn(x, self.weight):
+            return _matmul_nt(x, packed, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_packed", None)  # a copy of the weight in a process-local layout: rebuilt on demand
+        state.pop("_packed", None)  # a process-local copy of the weight, only meant for one decoding loop
         return state
+
+
+@contextlib.contextmanager
+def packed_weights(model: nn.Module) -> Iterator[None]:
+    """Inside: the model's `Linear` layers compute without gradients from their weights reordered once, on entry,
+    into oneDNN's blocked layout. For decoding loops; the weights must not change inside."""
+    layers = [m for m in model.modules()
+              if isinstance(m, Linear) and "_packed" not in m.__dict__ and _onednn_weight(m.weight)]
+    for layer in layers:
+        layer.__dict__["_packed"] = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 1)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_packed", None)

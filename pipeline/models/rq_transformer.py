@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models.cpu_linear import packed_weights
 from pipeline.models.dropout import Dropout
 from pipeline.models.io import load_model, save_model
 from pipeline.models.noble import Noble
@@ -224,24 +225,25 @@ def sample_code_stacks(model: RQTransformer, labels: torch.Tensor | None, settin
                                           model.settings.null_class, device)
     per_depth = [settings.at_depth(d, depths) for d in range(depths)]
     caches = model.new_caches(len(labels_in) if labels_in is not None else count, device)
-    context = model.prefill(labels_in, caches)
     codes = torch.empty(count, length, depths, dtype=torch.long, device=device)
-    for position in range(length):
-        x = context
-        for depth in range(depths):
-            logits = model.depth_step(x, depth, caches)
-            if guided:  # conditional rows first, then the same rows with the null class
-                logits = guided_logits(logits[:count], logits[count:], settings.guidance_scale)
-            probs = filter_logits(logits, per_depth[depth]).softmax(-1)
-            code = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-            codes[:, position, depth] = code
-            if depth + 1 < depths:  # the next depth reads the partial sum of this stack's embeddings
-                both = torch.cat([code, code]) if guided else code
-                embedded = model.embed_codes(both[:, None], depth)[:, 0]
-                x = embedded if depth == 0 else x + embedded
-        if position + 1 < length:
-            stack = codes[:, position]
-            context = model.spatial_step(torch.cat([stack, stack]) if guided else stack, caches)
+    with packed_weights(model):
+        context = model.prefill(labels_in, caches)
+        for position in range(length):
+            x = context
+            for depth in range(depths):
+                logits = model.depth_step(x, depth, caches)
+                if guided:  # conditional rows first, then the same rows with the null class
+                    logits = guided_logits(logits[:count], logits[count:], settings.guidance_scale)
+                probs = filter_logits(logits, per_depth[depth]).softmax(-1)
+                code = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+                codes[:, position, depth] = code
+                if depth + 1 < depths:  # the next depth reads the partial sum of this stack's embeddings
+                    both = torch.cat([code, code]) if guided else code
+                    embedded = model.embed_codes(both[:, None], depth)[:, 0]
+                    x = embedded if depth == 0 else x + embedded
+            if position + 1 < length:
+                stack = codes[:, position]
+                context = model.spatial_step(torch.cat([stack, stack]) if guided else stack, caches)
     return codes
 
 

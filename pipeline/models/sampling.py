@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.models.cpu_linear import packed_weights
 from pipeline.models.transformer import VIMTransformer
 
 
@@ -66,20 +67,22 @@ def sample_tokens(model: VIMTransformer, labels: torch.Tensor | None, settings: 
                                           model.settings.null_class, device)
     rows = len(labels_in) if labels_in is not None else count
     cache = model.new_cache(rows, device)
-    if condition is None:
-        logits = model.prefill(labels_in, cache)
-    else:
-        condition = condition.to(device)
-        logits = model.prefill(labels_in, cache, condition=torch.cat([condition, condition]) if guided else condition)
     tokens = torch.empty(count, model.settings.length, dtype=torch.long, device=device)
-    for position in range(model.settings.length):
-        if guided:
-            logits = guided_logits(logits[:count], logits[count:], settings.guidance_scale)
-        probs = filter_logits(logits, settings).softmax(-1)
-        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-        tokens[:, position] = token
-        if position + 1 < model.settings.length:
-            logits = model.decode_step(torch.cat([token, token]) if guided else token, cache)
+    with packed_weights(model):
+        if condition is None:
+            logits = model.prefill(labels_in, cache)
+        else:
+            condition = condition.to(device)
+            logits = model.prefill(labels_in, cache,
+                                   condition=torch.cat([condition, condition]) if guided else condition)
+        for position in range(model.settings.length):
+            if guided:
+                logits = guided_logits(logits[:count], logits[count:], settings.guidance_scale)
+            probs = filter_logits(logits, settings).softmax(-1)
+            token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+            tokens[:, position] = token
+            if position + 1 < model.settings.length:
+                logits = model.decode_step(torch.cat([token, token]) if guided else token, cache)
     return tokens
 
 
