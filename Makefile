@@ -107,7 +107,7 @@ bench: setup
 # Side-by-side CPU speed against LlamaGen and enhancing-transformers, imported from ../shared/peer-bench
 # (skipped with a message where that folder is absent).
 bench-peers: setup
-	$(PY) benchmarks/peers.py --out benchmarks/results/peers-cpu.json
+	$(PY) benchmarks/peers.py --size default --profile --out benchmarks/results/peers-cpu.json
 
 # torch_xla 2.9.0 pins torch 2.9.0, so it lives in its own environment: the wheels of
 # scripts/xla_cpu_wheels.txt (about 3.6 GB), downloaded once into $(XLA_WHEELS) inside the clone and installed

@@ -150,17 +150,12 @@ def throughput_summary(per_round: dict[str, list[float]], unit: str) -> dict:
     return summary
 
 
-def gemm_gflops(size: int = 1024, repeats: int = 10) -> dict[str, float]:
-    """fp32 (size x size) @ (size x size) GFLOP/s through each CPU linear backend on this machine."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def gemm_gflops() -> dict[str, float]:
+    """fp32 1024^2 matmul GFLOP/s through each CPU linear backend on this machine (the CPU MFU peak's measure)."""
     speeds = {}
-    for name in ("aten", "onednn"):
-        with cpu_linear.use_backend(name), torch.no_grad():
-            cpu_linear.linear(a, b)
-            started = time.perf_counter()
-            for _ in range(repeats):
-                cpu_linear.linear(a, b)
-            speeds[name] = round(2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9, 1)
+    for name in cpu_linear.BACKENDS:
+        with cpu_linear.use_backend(name):
+            speeds[name] = round(devices.measure_cpu_matmul_flops(size=1024, repeats=10) / 1e9, 1)
     return speeds
 
 

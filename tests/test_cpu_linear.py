@@ -129,6 +129,7 @@ def test_other_dtypes_autocast_and_the_aten_backend_fall_back_to_f_linear():
         assert linear(x, weight).dtype == torch.bfloat16
     empty = linear(torch.randn(0, 8), weight)
     assert empty.shape == (0, 3)
+    assert torch.equal(linear(x[0], weight), F.linear(x[0], weight))  # a single vector, as F.linear takes it
     with pytest.raises(ValueError, match="unknown CPU linear backend"):
         with use_backend("mkl"):
             pass

@@ -96,8 +96,8 @@ def _onednn_weight(weight: torch.Tensor) -> bool:
 
 
 def _runs_on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_onednn_weight(weight) and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    return (_onednn_weight(weight) and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
