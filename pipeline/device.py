@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.models.cpu_linear import linear
+
 # Dense bf16 peaks from the datasheets (FLOP/s per GPU or TPU chip), for model FLOPs utilisation.
 DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
                        "T4": 65e12, "v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
@@ -130,8 +132,6 @@ def tpu_generation() -> str:
 
 def measure_cpu_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     """fp32 matmul FLOP/s through the kernel the models' linear layers use (`pipeline.models.cpu_linear`)."""
-    from pipeline.models.cpu_linear import linear
-
     generator = torch.Generator().manual_seed(0)  # leaves the global RNG alone: a resumed run draws as before
     a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     with torch.no_grad():

@@ -46,14 +46,18 @@ def test_linear_equals_f_linear_with_gradients(features, with_bias, transposed_i
 
 
 @needs_onednn
-def test_only_the_gradients_asked_for_are_computed():
+def test_gradients_with_one_operand_frozen_equal_the_plain_formulas():
     x = torch.randn(5, 8)
     weight = torch.randn(4, 8, requires_grad=True)
-    (grad_weight,) = torch.autograd.grad(linear(x, weight).sum(), (weight,))
+    out = linear(x, weight)
+    assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    (grad_weight,) = torch.autograd.grad(out.sum(), (weight,))
     assert _close(grad_weight, torch.ones(5, 4).t() @ x)
     frozen = torch.randn(4, 8)
     x.requires_grad_()
-    (grad_x,) = torch.autograd.grad(linear(x, frozen).sum(), (x,))
+    out = linear(x, frozen)
+    assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    (grad_x,) = torch.autograd.grad(out.sum(), (x,))
     assert _close(grad_x, torch.ones(5, 4) @ frozen)
 
 

@@ -18,6 +18,7 @@ Elsewhere oneDNN reorders the weight on each call: a cached copy could not tell 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -31,6 +32,7 @@ if _backend not in BACKENDS:
     raise ValueError(f"PIPELINE_CPU_LINEAR={_backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
+@functools.cache  # asked on every linear call: the build does not change while the process runs
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
